@@ -1,8 +1,12 @@
 """Shared pytest fixtures."""
+import os
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from nnunet_ext.environment import trainers_folder
 from nnunet_ext.synthetic.lits import make_synthetic_lits
 
 
@@ -17,3 +21,36 @@ def synthetic_lits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synthetic_lits")
     make_synthetic_lits(root)
     return root
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """A finished ``nnunet_ext_demo`` run: its work folder, console output and nnU-Net environment."""
+    workdir: Path
+    stdout: str
+    env: dict
+
+    @property
+    def dataset(self) -> str:
+        return f"Dataset{DEMO_DATASET_ID:03d}_SyntheticLiTS"
+
+    def model_folder(self, trainer: str) -> Path:
+        return self.workdir / "nnUNet_results" / self.dataset / f"{trainer}__nnUNetPlans__3d_fullres"
+
+
+DEMO_DATASET_ID = 501
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    """The README's first command, run for real once per session: synthetic LiTS -> converter ->
+    ``nnUNetv2_plan_and_preprocess`` -> ``nnUNetv2_train`` (DPC-Net, quick schedule) ->
+    ``nnUNetv2_predict`` -> ``nnUNetv2_evaluate_folder``. Later tests reuse its preprocessed data."""
+    workdir = tmp_path_factory.mktemp("demo") / "run"
+    result = subprocess.run(["nnunet_ext_demo", "--workdir", str(workdir), "--dataset-id", str(DEMO_DATASET_ID),
+                             "--device", "cpu"], capture_output=True, text=True)
+    assert result.returncode == 0, f"demo failed:\n{result.stdout}\n{result.stderr}"
+    env = {**os.environ, "nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1",
+           "nnUNet_raw": str(workdir / "nnUNet_raw"), "nnUNet_preprocessed": str(workdir / "nnUNet_preprocessed"),
+           "nnUNet_results": str(workdir / "nnUNet_results"), "nnUNet_extTrainer": str(trainers_folder())}
+    return DemoRun(workdir, result.stdout, env)
