@@ -37,6 +37,12 @@ class DemoRun:
     def model_folder(self, trainer: str) -> Path:
         return self.workdir / "nnUNet_results" / self.dataset / f"{trainer}__nnUNetPlans__3d_fullres"
 
+    def run(self, *command) -> subprocess.CompletedProcess:
+        """Run a command in a new process with the demo's nnU-Net environment; it must succeed."""
+        result = subprocess.run([str(c) for c in command], env=self.env, capture_output=True, text=True)
+        assert result.returncode == 0, f"{command[0]} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        return result
+
 
 DEMO_DATASET_ID = 501
 

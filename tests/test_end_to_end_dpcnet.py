@@ -1,6 +1,5 @@
 """DPC-Net through the real nnU-Net commands on the synthetic LiTS release (the README's demo)."""
 import json
-import subprocess
 
 import numpy as np
 import SimpleITK as sitk
@@ -59,9 +58,7 @@ def test_prediction_in_a_new_process_reproduces_the_final_validation(demo_run):
 def test_continue_training_reloads_the_checkpoint(demo_run):
     fold = demo_run.model_folder(TRAINER) / "fold_0"
     before = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    result = subprocess.run(["nnUNetv2_train", "501", "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu", "--c"],
-                            env=demo_run.env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = demo_run.run("nnUNetv2_train", "501", "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu", "--c")
     assert "Cannot continue training" not in result.stdout
     after = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     # nothing left to train: the reloaded weights were saved back unchanged, epoch count kept

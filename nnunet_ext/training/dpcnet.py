@@ -12,15 +12,13 @@ nnU-Net's per-level weight ``1/2^i``. nnU-Net sets the lowest level's weight to 
 so that every parameter receives a gradient in every step (DDP without ``find_unused_parameters``).
 Validation and inference use the highest-resolution SemCor output ``sem_0``.
 """
-import torch
-
-from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ext.architectures.dpcnet import DPCNet, build_dpcnet_from_plans
-from nnunet_ext.losses.compound import deep_supervision_weights
+from nnunet_ext.losses.compound import build_dice_ce_loss, deep_supervision_weights
 from nnunet_ext.losses.multi_output_deep_supervision import MultiOutputDeepSupervisionWrapper
 from nnunet_ext.training.quick_schedule import QuickScheduleMixin
+from nnunet_ext.training.recipes import AdamRecipeMixin
 
 LOWEST_LEVEL_WEIGHT = 1e-6
 
@@ -33,25 +31,19 @@ class nnUNetTrainerDPCNet(nnUNetTrainer):
                                        num_output_channels, enable_deep_supervision)
 
     def _build_loss(self):
-        loss = super()._build_loss()
+        loss = build_dice_ce_loss(self.label_manager, batch_dice=self.configuration_manager.batch_dice,
+                                  is_ddp=self.is_ddp, compile_dice=self._do_i_compile())
         if not self.enable_deep_supervision:
             return loss
         num_levels = len(self._get_deep_supervision_scales())
         return MultiOutputDeepSupervisionWrapper(
-            loss.loss,  # the Dice + CE that nnU-Net wrapped for its single-family deep supervision
-            deep_supervision_weights(num_levels, lowest_weight=LOWEST_LEVEL_WEIGHT),
+            loss, deep_supervision_weights(num_levels, lowest_weight=LOWEST_LEVEL_WEIGHT),
             DPCNet.output_levels(num_levels))
 
 
-class nnUNetTrainerDPCNetPaper(nnUNetTrainerDPCNet):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = 1e-4
-
-    def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+class nnUNetTrainerDPCNetPaper(AdamRecipeMixin, nnUNetTrainerDPCNet):
+    """DPC-Net with the paper's optimiser: Adam, initial learning rate 1e-4 (Sec. IV)."""
+    adam_learning_rate = 1e-4
 
 
 class nnUNetTrainerDPCNet_quick(QuickScheduleMixin, nnUNetTrainerDPCNet):
