@@ -6,16 +6,18 @@ import sys
 
 import pytest
 
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-import nnunet_ext.training.dpcnet as dpcnet_training
+import nnunet_ext.training.dpcnet
+import nnunet_ext.training.godc_lfam
 from nnunet_ext.environment import trainers_folder
 
-TRAINERS = {
-    "nnUNetTrainerDPCNet": dpcnet_training.nnUNetTrainerDPCNet,
-    "nnUNetTrainerDPCNetPaper": dpcnet_training.nnUNetTrainerDPCNetPaper,
-    "nnUNetTrainerDPCNet_quick": dpcnet_training.nnUNetTrainerDPCNet_quick,
-}
+# every trainer class the package defines: each must be reachable through nnUNet_extTrainer
+TRAINERS = {name: obj
+            for module in (nnunet_ext.training.dpcnet, nnunet_ext.training.godc_lfam)
+            for name, obj in vars(module).items()
+            if isinstance(obj, type) and issubclass(obj, nnUNetTrainer) and obj.__module__ == module.__name__}
 
 
 @pytest.mark.parametrize("name", sorted(TRAINERS))
@@ -25,6 +27,11 @@ def test_lookup_returns_the_package_class(name, monkeypatch):
     # the very class defined in nnunet_ext, not a copy from a module nnU-Net imported and dropped
     assert found is TRAINERS[name]
     assert pickle.loads(pickle.dumps(found)) is found
+
+
+def test_every_trainer_is_covered():
+    assert len(TRAINERS) == 9
+    assert all(name.startswith("nnUNetTrainer") for name in TRAINERS)
 
 
 def test_lookup_fails_without_the_variable(monkeypatch):
