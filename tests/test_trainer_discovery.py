@@ -30,7 +30,7 @@ def test_lookup_returns_the_package_class(name, monkeypatch):
 
 
 def test_every_trainer_is_covered():
-    assert len(TRAINERS) == 9
+    assert len(TRAINERS) == 10
     assert all(name.startswith("nnUNetTrainer") for name in TRAINERS)
 
 

@@ -9,6 +9,7 @@ One trainer per concern, combined by inheritance:
 - ``nnUNetTrainerLFAM``: the plan's U-Net (plain or residual encoder) with LFAM on every skip
   connection, nnU-Net's Dice + CE.
 - ``nnUNetTrainerLFAMGODC``: the paper's method in nnU-Net, LFAM network + GODC + CE.
+- ``nnUNetTrainerLFAMGODCCoarse``: as above without LFAM at full resolution (memory-bounded).
 - ``nnUNetTrainerLFAMGODCPaper``: the paper's recipe, LFAM network + GODC alone, Adam 2e-4.
 - ``nnUNetTrainerLFAMGODC_quick``: a few iterations only, for smoke runs.
 
@@ -38,15 +39,27 @@ class nnUNetTrainerGODCOnly(nnUNetTrainerGODC):
 
 
 class nnUNetTrainerLFAM(nnUNetTrainer):
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+    """LFAM on the skips of levels ``lfam_min_level`` and coarser (0 = every skip, as in the paper).
+    ``lfam_checkpoint`` recomputes the 3D deformable sampling in backward instead of storing it
+    (same result; about half the LFAM activation memory for a few percent more time)."""
+    lfam_min_level = 0
+    lfam_checkpoint = True
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> LFAMUNet:
         return build_lfam_unet_from_plans(plans_manager, configuration_manager, num_input_channels,
-                                          num_output_channels, enable_deep_supervision)
+                                          num_output_channels, enable_deep_supervision,
+                                          lfam_min_level=cls.lfam_min_level, checkpoint=cls.lfam_checkpoint)
 
 
 class nnUNetTrainerLFAMGODC(nnUNetTrainerLFAM, nnUNetTrainerGODC):
     pass
+
+
+class nnUNetTrainerLFAMGODCCoarse(nnUNetTrainerLFAMGODC):
+    """LFAM only on the skips below full resolution: bounds memory for large 3D patches."""
+    lfam_min_level = 1
 
 
 class nnUNetTrainerLFAMGODCPaper(AdamRecipeMixin, nnUNetTrainerLFAMGODC):
