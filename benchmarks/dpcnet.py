@@ -8,7 +8,7 @@ Both networks are built exactly as the trainers build them (``nnUNetTrainer`` an
 or by default the paper's PFE (3D, 5 levels, widths 32..512, 3x3x3, 1 channel, 2 classes).
 Printed per network: parameters, forward+backward FLOPs (``torch.utils.flop_counter``: convolutions
 and matmuls), median training-step time (forward + backward of the deep-supervision outputs with a
-stand-in loss), peak memory of a training step, and sliding-window throughput (patches per second:
+stand-in loss), peak tensor memory (and on CPU peak resident memory) of a training step, and sliding-window throughput (patches per second:
 batch-1 forwards without gradients, deep supervision off, as ``nnUNetv2_predict`` runs them),
 with the DPC-Net / default ratios. Each network is measured in a fresh process. Then the paper
 preset's parameter split next to the paper's Table 4.
@@ -63,7 +63,7 @@ def measure_case(network: str, configuration: dict, input_channels: int, num_cla
     memory = peak_memory(train_step, device)
     result = {"parameters": count_parameters(model), "flops": flops(train_step),
               "step_s": median_time(train_step, repeats=repeats, device=device),
-              "memory": memory.bytes, "memory_method": memory.method}
+              "memory": memory.bytes, "memory_method": memory.method, "rss": memory.rss_bytes}
     model.decoder.deep_supervision = False
     patch_forward = make_inference_step(model, x[:1])
     result["patches_per_s"] = throughput(patch_forward, repeats=repeats, device=device)
@@ -112,12 +112,14 @@ def main():
     rows = [("parameters", "parameters", lambda v: f"{v:,}"),
             ("fwd+bwd GFLOPs", "flops", lambda v: f"{v / 1e9:.1f}"),
             ("train step (median s)", "step_s", lambda v: f"{v:.3f}"),
-            ("peak memory, train step", "memory", fmt_bytes),
+            ("peak tensor memory, train", "memory", fmt_bytes),
             ("inference patches/s", "patches_per_s", lambda v: f"{v:.2f}")]
     print(f"\n{'':26}{'nnU-Net default':>18}{'DPC-Net':>18}{'DPC / default':>16}")
+    if dpc["rss"] is not None:
+        rows.insert(4, ("peak RSS, train step", "rss", fmt_bytes))
     for label, key, fmt in rows:
         print(f"{label:26}{fmt(base[key]):>18}{fmt(dpc[key]):>18}{dpc[key] / base[key]:>16.3f}")
-    print(f"(memory: {dpc['memory_method']})")
+    print(f"(tensor memory: {dpc['memory_method']})")
 
     split = paper_preset_split()
     print(f"\nPaper preset (3D, widths 32..512, 1 channel, 2 classes){'measured':>14}{'paper':>10}")

@@ -14,6 +14,10 @@ API (all functions take plain callables, so they work for any network or op):
         ``model.decoder.deep_supervision = False`` for nnU-Net networks).
     median_time(fn, repeats=5, warmup=1, device=None) -> float
         median wall time of fn() in seconds (CUDA: synchronised before and after each call).
+    median_wall_and_cpu_time(fn, repeats=5, warmup=1, device=None) -> (wall_s, cpu_s)
+        medians of wall time and of this process's CPU time (all threads, ``time.process_time``) over
+        the same calls. On a shared/loaded CPU the CPU time is the steadier measure of work done
+        (wall time includes waiting for other processes); it is ~ threads x wall when unloaded.
     throughput(fn, items_per_call=1, repeats=5, warmup=1, device=None) -> float
         items per second = items_per_call / median_time (e.g. sliding-window patches per second).
     flops(fn) -> int
@@ -21,15 +25,20 @@ API (all functions take plain callables, so they work for any network or op):
         (forward AND backward when fn is a train step). Counts only ops with a registered formula
         (convolutions, matmul/bmm/einsum, attention); e.g. ``grid_sample``, ``torchvision::deform_conv2d``,
         norms and activations count 0.
-    peak_memory(fn, device=None) -> PeakMemory(bytes, method)
-        extra memory at the peak of one fn() call, above what was allocated/resident before it.
-        CUDA: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` before the call (tensors
-        only, not the caching allocator's reserve). CPU: Linux resident-set high-water mark: the
-        process's peak RSS (``VmHWM``) is reset to the current RSS by writing 5 to
-        ``/proc/self/clear_refs``, fn() runs, then ``VmHWM - VmRSS_before``. If the reset is not
-        permitted it falls back to ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` minus the RSS before,
-        which is only right in a fresh process whose earlier peak was lower (the ``method`` says which).
-        Includes everything the process touches (allocator caches, oneDNN scratch), not only tensors.
+    peak_memory(fn, device=None) -> PeakMemory(bytes, method, rss_bytes, rss_method)
+        extra memory at the peak of one fn() call, above what was allocated before it.
+        ``bytes`` = tensor memory, comparable between CPU and CUDA:
+          CUDA: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` before the call;
+          CPU: peak of the running sum of the allocation/free events that ``torch.profiler``
+          (``profile_memory=True``) records during the call (tensors allocated before the call and
+          freed during it are not subtracted, so this can only over-estimate slightly).
+        fn() is called twice on CPU (first for the RSS, then under the profiler).
+        ``rss_bytes`` (CPU only, else None) = process resident-set high-water mark: the peak RSS
+          (``VmHWM``) is reset to the current RSS by writing 5 to ``/proc/self/clear_refs``, fn() runs,
+          then ``VmHWM - VmRSS_before``; falls back to ``getrusage(RUSAGE_SELF).ru_maxrss`` (then only
+          valid in a fresh process). This includes what the tensor count misses (oneDNN/MKL scratch,
+          malloc fragmentation and cached free memory), so it is >= the tensor peak and depends on the
+          allocator's history: measure in a fresh process (``run_in_fresh_process``).
     run_in_fresh_process(target, *args, **kwargs) -> result
         runs ``target(*args, **kwargs)`` in a newly spawned Python process and returns its (picklable)
         result; use it to isolate memory measurements from each other. ``target`` must be importable
@@ -42,31 +51,36 @@ Typical use (one case per fresh process):
         model, x = build(kind)
         step = make_train_step(model, x)
         mem = peak_memory(step)         # first: measures the first step from a clean state
-        t = median_time(step)
-        return mem, t
-    mem, t = run_in_fresh_process(case, "lfam")
+        wall, cpu = median_wall_and_cpu_time(step, warmup=0)
+        return mem, wall, cpu
+    mem, wall, cpu = run_in_fresh_process(case, "lfam")
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing as mp
+import os
 import resource
 import statistics
+import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 __all__ = ["PeakMemory", "count_parameters", "total_loss", "make_train_step", "make_inference_step",
-           "median_time", "throughput", "flops", "peak_memory", "run_in_fresh_process", "fmt_bytes"]
+           "median_time", "median_wall_and_cpu_time", "throughput", "flops", "peak_memory", "run_in_fresh_process", "fmt_bytes"]
 
 
 @dataclass
 class PeakMemory:
     bytes: int
     method: str
+    rss_bytes: Optional[int] = None
+    rss_method: Optional[str] = None
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -119,6 +133,21 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, device
     return statistics.median(times)
 
 
+def median_wall_and_cpu_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1,
+                             device=None) -> Tuple[float, float]:
+    for _ in range(warmup):
+        fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        _sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        _sync(device)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
+
+
 def throughput(fn: Callable[[], Any], items_per_call: int = 1, repeats: int = 5, warmup: int = 1,
                device=None) -> float:
     return items_per_call / median_time(fn, repeats, warmup, device)
@@ -149,6 +178,35 @@ def _reset_hwm() -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence C++-level stderr (the profiler's start/stop and 'unknown size' notices)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _profiler_tensor_peak(fn: Callable[[], Any]) -> int:
+    from torch.profiler import ProfilerActivity, profile
+    with _quiet_stderr():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        if e.device_type() == torch.autograd.DeviceType.CPU:
+            cur += e.nbytes()
+            peak = max(peak, cur)
+    return peak
+
+
 def peak_memory(fn: Callable[[], Any], device=None) -> PeakMemory:
     gc.collect()
     if device is not None and torch.device(device).type == "cuda":
@@ -158,16 +216,21 @@ def peak_memory(fn: Callable[[], Any], device=None) -> PeakMemory:
         fn()
         torch.cuda.synchronize(device)
         return PeakMemory(torch.cuda.max_memory_allocated(device) - base,
-                          "torch.cuda.max_memory_allocated - allocated before")
+                          "tensors: torch.cuda.max_memory_allocated - allocated before")
+    # first call: process RSS (before the profiler, whose own start-up would inflate the RSS),
+    # second call: tensor peak from the profiler's allocation trace
+    tensor_method = "tensors: torch.profiler allocation trace (peak of live bytes allocated during the call)"
     rss_before = _proc_status_kb("VmRSS")
     if _reset_hwm():
         fn()
-        return PeakMemory(max(0, _proc_status_kb("VmHWM") - rss_before) * 1024,
-                          "CPU peak RSS (VmHWM reset via /proc/self/clear_refs) - RSS before")
-    fn()
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return PeakMemory(max(0, peak_kb - rss_before) * 1024,
-                      "CPU ru_maxrss - RSS before (valid in a fresh process only)")
+        rss = max(0, _proc_status_kb("VmHWM") - rss_before) * 1024
+        rss_method = "process RSS: VmHWM (reset via /proc/self/clear_refs) - RSS before, first call"
+    else:
+        fn()
+        rss = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024  # KiB on Linux
+        rss_method = "process RSS: ru_maxrss - RSS before, first call (valid in a fresh process only)"
+    gc.collect()
+    return PeakMemory(_profiler_tensor_peak(fn), tensor_method, rss, rss_method)
 
 
 def run_in_fresh_process(target: Callable, *args, **kwargs):
