@@ -28,8 +28,7 @@ from torch import nn
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
-from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
+from nnunet_ext.architectures.plan_network import build_plan_network
 from nnunet_ext.building_blocks.pyramid_correlation import SemanticCorrelation, SpatialCorrelation
 
 SUPPORTED_PFE = (PlainConvUNet, ResidualEncoderUNet)
@@ -114,15 +113,8 @@ def build_dpcnet_from_plans(plans_manager, configuration_manager, num_input_chan
                             num_output_channels: int, enable_deep_supervision: bool = True) -> DPCNet:
     """DPC-Net whose PFE is the plan's U-Net (the signature of
     ``nnUNetTrainer.build_network_architecture``; used for training and by the predictor)."""
-    pfe = get_network_from_plans(
-        configuration_manager.network_arch_class_name,
-        configuration_manager.network_arch_init_kwargs,
-        configuration_manager.network_arch_init_kwargs_req_import,
-        num_input_channels,
-        num_output_channels,
-        allow_init=True,
-        deep_supervision=enable_deep_supervision)
-    return DPCNet(pfe)
+    return DPCNet(build_plan_network(configuration_manager, num_input_channels, num_output_channels,
+                                     enable_deep_supervision))
 
 
 PAPER_PRESET_PFE_KWARGS = dict(

@@ -67,6 +67,7 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet, Resi
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, maybe_convert_scalar_to_list
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 
+from nnunet_ext.architectures.plan_network import build_plan_network
 from nnunet_ext.building_blocks.deform_conv import ModulatedDeformConvBlock
 
 __all__ = ["LFAM", "LFAMUNet", "build_lfam_unet_from_plans", "SUPPORTED_BASE_ARCHITECTURES"]
@@ -236,20 +237,12 @@ def build_lfam_unet_from_plans(plans_manager, configuration_manager, num_input_c
                                offset_source: str = "skip", offset_groups: int = 1,
                                kernel_size: Optional[Union[int, Sequence[int]]] = None,
                                backend: str = "auto", checkpoint: bool = False) -> LFAMUNet:
-    """Build the plan's U-Net with nnU-Net's ``get_network_from_plans`` (initialised as nnU-Net does)
+    """Build the plan's U-Net as nnU-Net does (``build_plan_network``)
     and wrap it in ``LFAMUNet``. Same first five arguments as
     ``nnUNetTrainer.build_network_architecture``; ``plans_manager`` is accepted for that symmetry and
     not used. Raises ``TypeError`` naming the class if the plan's architecture is not supported."""
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
-    base = get_network_from_plans(
-        configuration_manager.network_arch_class_name,
-        configuration_manager.network_arch_init_kwargs,
-        configuration_manager.network_arch_init_kwargs_req_import,
-        num_input_channels,
-        num_output_channels,
-        allow_init=True,
-        deep_supervision=enable_deep_supervision)
+    base = build_plan_network(configuration_manager, num_input_channels, num_output_channels,
+                              enable_deep_supervision)
     return LFAMUNet(base, levels=lfam_levels, min_level=lfam_min_level, offset_source=offset_source,
                     offset_groups=offset_groups, kernel_size=kernel_size, backend=backend,
                     checkpoint=checkpoint)
