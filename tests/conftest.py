@@ -1,12 +1,11 @@
 """Shared pytest fixtures."""
-import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from nnunet_ext.environment import trainers_folder
+from nnunet_ext.demo import DEFAULT_TRAINER, Demo
 from nnunet_ext.synthetic.lits import make_synthetic_lits
 
 
@@ -56,7 +55,5 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
     result = subprocess.run(["nnunet_ext_demo", "--workdir", str(workdir), "--dataset-id", str(DEMO_DATASET_ID),
                              "--device", "cpu"], capture_output=True, text=True)
     assert result.returncode == 0, f"demo failed:\n{result.stdout}\n{result.stderr}"
-    env = {**os.environ, "nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1",
-           "nnUNet_raw": str(workdir / "nnUNet_raw"), "nnUNet_preprocessed": str(workdir / "nnUNet_preprocessed"),
-           "nnUNet_results": str(workdir / "nnUNet_results"), "nnUNet_extTrainer": str(trainers_folder())}
+    env = Demo(workdir, DEFAULT_TRAINER, DEMO_DATASET_ID, "cpu").env  # the environment the demo's commands had
     return DemoRun(workdir, result.stdout, env)
