@@ -28,7 +28,7 @@ from torch import nn
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
-from nnunet_ext.architectures.plan_network import build_plan_network
+from nnunet_ext.architectures.plan_network import build_plan_network, decoder_stage_outputs
 from nnunet_ext.building_blocks.pyramid_correlation import SemanticCorrelation, SpatialCorrelation
 
 SUPPORTED_PFE = (PlainConvUNet, ResidualEncoderUNet)
@@ -83,12 +83,7 @@ class DPCNet(nn.Module):
     def pyramid_features(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Decoder stage outputs ``[F_0, .., F_{L-1}]``, highest resolution first (the same
         computation as ``UNetDecoder.forward`` without its segmentation layers)."""
-        skips = self.encoder(x)
-        features, below = [], skips[-1]
-        for s, (transpconv, stage) in enumerate(zip(self.decoder.transpconvs, self.decoder.stages)):
-            below = stage(torch.cat((transpconv(below), skips[-(s + 2)]), dim=1))
-            features.append(below)
-        return features[::-1]
+        return decoder_stage_outputs(self.decoder, self.encoder(x))[::-1]
 
     def pfe_logits(self, level: int, feature: torch.Tensor) -> torch.Tensor:
         # decoder.seg_layers is ordered like the decoder stages: lowest resolution first

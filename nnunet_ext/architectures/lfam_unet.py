@@ -67,7 +67,7 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet, Resi
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, maybe_convert_scalar_to_list
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 
-from nnunet_ext.architectures.plan_network import build_plan_network
+from nnunet_ext.architectures.plan_network import build_plan_network, decoder_stage_outputs
 from nnunet_ext.building_blocks.deform_conv import ModulatedDeformConvBlock
 
 __all__ = ["LFAM", "LFAMUNet", "build_lfam_unet_from_plans", "SUPPORTED_BASE_ARCHITECTURES"]
@@ -189,26 +189,20 @@ class LFAMUNet(AbstractDynamicNetworkArchitectures):
         return self._decode_with_decoder_guided_lfam(skips)
 
     def _decode_with_decoder_guided_lfam(self, skips: List[torch.Tensor]):
-        """nnU-Net's ``UNetDecoder.forward`` (dynamic_network_architectures 0.4) with the skip of each
-        LFAM level aligned using offsets predicted from cat(skip, upsampled decoder feature)."""
-        dec = self.decoder
-        n = len(dec.stages)
-        lres_input = skips[-1]
-        seg_outputs = []
-        for s in range(n):
-            up = dec.transpconvs[s](lres_input)
-            lvl = n - 1 - s  # == len(skips) - (s + 2)
-            skip = skips[lvl]
-            if lvl in self.lfam_levels:
-                skip = self.lfam[str(lvl)](skip, torch.cat((skip, up), 1))
-            y = dec.stages[s](torch.cat((up, skip), 1))
-            if dec.deep_supervision:
-                seg_outputs.append(dec.seg_layers[s](y))
-            elif s == n - 1:
-                seg_outputs.append(dec.seg_layers[-1](y))
-            lres_input = y
-        seg_outputs = seg_outputs[::-1]
-        return seg_outputs if dec.deep_supervision else seg_outputs[0]
+        """nnU-Net's ``UNetDecoder.forward`` with the skip of each LFAM level aligned using offsets
+        predicted from cat(skip, upsampled decoder feature)."""
+        n = len(self.decoder.stages)
+
+        def align(stage: int, skip: torch.Tensor, upsampled: torch.Tensor) -> torch.Tensor:
+            level = n - 1 - stage
+            if level not in self.lfam_levels:
+                return skip
+            return self.lfam[str(level)](skip, torch.cat((skip, upsampled), 1))
+
+        features = decoder_stage_outputs(self.decoder, skips, align)
+        if not self.decoder.deep_supervision:
+            return self.decoder.seg_layers[-1](features[-1])
+        return [seg_layer(f) for seg_layer, f in zip(self.decoder.seg_layers, features)][::-1]
 
     def skip_sizes(self, input_size: Sequence[int]) -> List[List[int]]:
         """Spatial size of every skip level for an input patch size."""
