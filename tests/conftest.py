@@ -1,12 +1,16 @@
 """Shared pytest fixtures."""
+import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from nnunet_ext.demo import DEFAULT_TRAINER, Demo
+from nnunet_ext.environment import trainers_folder
 from nnunet_ext.synthetic.lits import make_synthetic_lits
+from tests.datasets import DATASETS
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +61,69 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
     assert result.returncode == 0, f"demo failed:\n{result.stdout}\n{result.stderr}"
     env = Demo(workdir, DEFAULT_TRAINER, DEMO_DATASET_ID, "cpu").env  # the environment the demo's commands had
     return DemoRun(workdir, result.stdout, env)
+
+
+def nnunet_command(name: str) -> str:
+    """An nnU-Net console script of this interpreter's environment (works without an activated venv)."""
+    return str(Path(sys.executable).parent / name)
+
+
+@dataclass(frozen=True)
+class PlannedDataset:
+    """A synthetic twin converted by our converter and planned by nnU-Net in a private folder triple."""
+    name: str
+    dataset_id: int
+    dataset_name: str
+    configuration: str
+    workdir: Path
+
+    @property
+    def raw(self) -> Path:
+        return self.workdir / "nnUNet_raw" / self.dataset_name
+
+    @property
+    def preprocessed(self) -> Path:
+        return self.workdir / "nnUNet_preprocessed" / self.dataset_name
+
+    @property
+    def results(self) -> Path:
+        return self.workdir / "nnUNet_results" / self.dataset_name
+
+    @property
+    def env(self) -> dict:
+        return {**os.environ, "nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1",
+                "nnUNet_raw": str(self.workdir / "nnUNet_raw"),
+                "nnUNet_preprocessed": str(self.workdir / "nnUNet_preprocessed"),
+                "nnUNet_results": str(self.workdir / "nnUNet_results"),
+                "nnUNet_extTrainer": str(trainers_folder())}
+
+    def model_folder(self, trainer: str, plans: str = "nnUNetPlans") -> Path:
+        return self.results / f"{trainer}__{plans}__{self.configuration}"
+
+    def run(self, *command) -> subprocess.CompletedProcess:
+        """Run a command in a new process with this dataset's nnU-Net environment; it must succeed."""
+        result = subprocess.run([str(c) for c in command], env=self.env, capture_output=True, text=True)
+        assert result.returncode == 0, f"{command[0]} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        return result
+
+
+@pytest.fixture(scope="session")
+def planned_dataset(tmp_path_factory: pytest.TempPathFactory):
+    """Factory: ``planned_dataset(name)`` converts and plans ``tests.datasets.DATASETS[name]`` once per session."""
+    done = {}
+
+    def get(name: str) -> PlannedDataset:
+        if name not in done:
+            spec = DATASETS[name]
+            workdir = tmp_path_factory.mktemp(f"planned_{name}")
+            dataset = PlannedDataset(name, spec.dataset_id, f"Dataset{spec.dataset_id:03d}_{spec.dataset_name}",
+                                     spec.configuration, workdir)
+            release = workdir / "release"
+            spec.make_synthetic(release)
+            dataset.run(sys.executable, "-m", spec.converter_module, release / spec.input_subfolder,
+                        "-d", spec.dataset_id, "-n", spec.dataset_name, *spec.converter_args)
+            dataset.run(nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", spec.dataset_id,
+                        "-c", spec.configuration, "-np", 1, "-npfp", 1, "--verify_dataset_integrity")
+            done[name] = dataset
+        return done[name]
+    return get
