@@ -1,9 +1,10 @@
-"""``nnunet_ext_make_synthetic DATASET OUT [--seed S] [--overwrite]``: write a dataset's synthetic twin in its real layout.
+"""``nnunet_ext_make_synthetic DATASET OUT [--seed S] [--overwrite]``: a dataset's synthetic twin.
 
 One line per dataset in :data:`GENERATORS`: the name used on the command line and a generator
-``make(root, seed=..., overwrite=...)`` that writes the release under ``root`` (refusing a non-empty
-``root`` unless ``overwrite``, which replaces only the generator's own folders there) and returns a dict that describes what it wrote (its ``root`` included). The converter of the dataset
-then reads that release: ``nnunet_ext_convert_<dataset> OUT/<the dataset's own top folder> -d ID``.
+``make(root, seed=..., overwrite=...)`` that writes the release in the dataset's real layout under
+``root`` (refusing a non-empty ``root`` unless ``overwrite``, which replaces only the generator's own
+folders there) and returns a dict that describes what it wrote (its ``root`` included). The
+dataset's converter then reads that release: ``nnunet_ext_convert_<dataset> OUT/<top folder> -d ID``.
 """
 from __future__ import annotations
 
