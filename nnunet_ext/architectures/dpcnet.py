@@ -25,29 +25,19 @@ from typing import List, Tuple, Union
 import torch
 from torch import nn
 
-from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
-from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
-from nnunet_ext.architectures.plan_network import build_plan_network, decoder_stage_outputs
+
+from nnunet_ext.architectures.plan_network import PlanUNetWrapper, build_plan_network, decoder_stage_outputs
 from nnunet_ext.building_blocks.pyramid_correlation import SemanticCorrelation, SpatialCorrelation
 
-SUPPORTED_PFE = (PlainConvUNet, ResidualEncoderUNet)
 
-
-class DPCNet(nn.Module):
+class DPCNet(PlanUNetWrapper):
     def __init__(self, pyramid_feature_encoder: nn.Module):
-        """``pyramid_feature_encoder``: an nnU-Net U-Net (``PlainConvUNet`` or
-        ``ResidualEncoderUNet``) with at least two decoder stages; its encoder, decoder and
-        segmentation layers become DPC-Net's PFE."""
-        super().__init__()
-        if not isinstance(pyramid_feature_encoder, SUPPORTED_PFE) or \
-                not isinstance(pyramid_feature_encoder.decoder, UNetDecoder):
-            raise TypeError(
-                f"DPC-Net builds on a U-Net with a UNetDecoder ({', '.join(c.__name__ for c in SUPPORTED_PFE)}); "
-                f"got {type(pyramid_feature_encoder).__name__}. Use a plan whose network_class_name is one of these.")
-        self.encoder = pyramid_feature_encoder.encoder
-        self.decoder = pyramid_feature_encoder.decoder
-        num_levels = len(self.decoder.stages)
+        """``pyramid_feature_encoder``: the plan's U-Net (``PlainConvUNet`` or ``ResidualEncoderUNet``) with at
+        least two decoder stages; its encoder, decoder and segmentation layers become DPC-Net's PFE."""
+        super().__init__(pyramid_feature_encoder)
+        num_levels = self.num_levels
         if num_levels < 2:
             raise ValueError(f"DPC-Net needs at least 2 decoder levels (a plan with n_stages >= 3), got {num_levels}.")
 
@@ -65,10 +55,6 @@ class DPCNet(nn.Module):
         self.sem_heads = nn.ModuleList(conv_op(channels[i], num_classes, 1) for i in range(num_levels - 1))
         for module in (self.spacor, self.semcor, self.spa_heads, self.sem_heads):
             module.apply(InitWeights_He(1e-2))
-
-    @property
-    def num_levels(self) -> int:
-        return len(self.decoder.stages)
 
     @property
     def level_channels(self) -> List[int]:

@@ -62,17 +62,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
-from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
-from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, maybe_convert_scalar_to_list
-from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+from dynamic_network_architectures.building_blocks.helper import maybe_convert_scalar_to_list
 
-from nnunet_ext.architectures.plan_network import build_plan_network, decoder_stage_outputs
+from nnunet_ext.architectures.plan_network import PlanUNetWrapper, build_plan_network, decoder_stage_outputs
 from nnunet_ext.building_blocks.deform_conv import ModulatedDeformConvBlock
 
-__all__ = ["LFAM", "LFAMUNet", "build_lfam_unet_from_plans", "SUPPORTED_BASE_ARCHITECTURES"]
+__all__ = ["LFAM", "LFAMUNet", "build_lfam_unet_from_plans"]
 
-SUPPORTED_BASE_ARCHITECTURES = (PlainConvUNet, ResidualEncoderUNet)
 OFFSET_SOURCES = ("skip", "skip_and_decoder")
 
 
@@ -128,7 +124,7 @@ def _resolve_levels(n_skips: int, levels: Optional[Iterable[int]], min_level: in
     return tuple(sorted(i for i in chosen if i >= min_level))
 
 
-class LFAMUNet(AbstractDynamicNetworkArchitectures):
+class LFAMUNet(PlanUNetWrapper):
     """U-Net with LFAM on (a subset of) its skip connections; wraps a built nnU-Net network.
 
     Args:
@@ -147,26 +143,9 @@ class LFAMUNet(AbstractDynamicNetworkArchitectures):
                  offset_source: str = "skip", offset_groups: int = 1,
                  kernel_size: Optional[Union[int, Sequence[int]]] = None, backend: str = "auto",
                  checkpoint: bool = False):
-        super().__init__()
-        supported = next((c for c in SUPPORTED_BASE_ARCHITECTURES if isinstance(base, c)), None)
-        if supported is None or type(base).forward is not supported.forward \
-                or not isinstance(getattr(base, "decoder", None), UNetDecoder):
-            raise TypeError(
-                f"LFAMUNet cannot wrap {type(base).__module__}.{type(base).__qualname__}: supported base "
-                f"architectures are {', '.join(c.__name__ for c in SUPPORTED_BASE_ARCHITECTURES)} from "
-                f"dynamic_network_architectures (with their own forward and a UNetDecoder)")
+        super().__init__(base)
         if offset_source not in OFFSET_SOURCES:
             raise ValueError(f"offset_source must be one of {OFFSET_SOURCES}, got {offset_source!r}")
-
-        # same attribute names (and so state-dict keys) as the base network
-        self.encoder = base.encoder
-        self.decoder = base.decoder
-        for attr in ("key_to_encoder", "key_to_stem", "keys_to_in_proj", "key_to_lpe"):
-            if hasattr(base, attr):
-                setattr(self, attr, getattr(base, attr))
-        self.base_class_name = f"{type(base).__module__}.{type(base).__qualname__}"
-
-        self.dim = convert_conv_op_to_dim(self.encoder.conv_op)
         self.offset_source = offset_source
         channels = list(self.encoder.output_channels)
         n_skips = len(channels) - 1
@@ -216,9 +195,7 @@ class LFAMUNet(AbstractDynamicNetworkArchitectures):
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
         """Base network's estimate (encoder + decoder, as nnU-Net computes it) plus the LFAM
         activations (``LFAM.feature_map_size``); nnU-Net's planner uses this for VRAM estimates."""
-        assert len(input_size) == self.dim, "give the spatial size only: (x, y(, z))"
-        out = self.encoder.compute_conv_feature_map_size(input_size) + \
-            self.decoder.compute_conv_feature_map_size(input_size)
+        out = self.plan_unet_feature_map_size(input_size)
         sizes = self.skip_sizes(input_size)
         for lvl in self.lfam_levels:
             out += self.lfam[str(lvl)].feature_map_size(sizes[lvl])

@@ -32,7 +32,8 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 def build_dice_ce_loss(label_manager, batch_dice: bool, is_ddp: bool, weight_dice: float = 1.0,
                        weight_ce: float = 1.0, dice_class: Type[nn.Module] = MemoryEfficientSoftDiceLoss,
-                       do_bg: Optional[bool] = None, smooth: float = 1e-5, compile_dice: bool = False) -> nn.Module:
+                       do_bg: Optional[bool] = None, smooth: float = 1e-5, compile_dice: bool = False,
+                       ce_kwargs: Optional[dict] = None) -> nn.Module:
     """nnU-Net's Dice + CE (labels) or Dice + BCE (regions) loss with an exchangeable Dice class.
 
     :param label_manager: nnU-Net ``LabelManager`` (``has_regions``, ``ignore_label``).
@@ -41,16 +42,18 @@ def build_dice_ce_loss(label_manager, batch_dice: bool, is_ddp: bool, weight_dic
     :param do_bg: None = nnU-Net's default (False for softmax labels, True for regions).
     :param compile_dice: wrap ``loss.dc`` in ``torch.compile`` (what nnU-Net does when
         ``self._do_i_compile()``).
+    :param ce_kwargs: extra arguments of the CE (``RobustCrossEntropyLoss``) or BCE (``BCEWithLogitsLoss``)
+        term, e.g. ``{'weight': class_weights}``; copied, never modified.
     """
     soft_dice_kwargs = {'batch_dice': batch_dice, 'smooth': smooth, 'ddp': is_ddp}
     if label_manager.has_regions:
         soft_dice_kwargs['do_bg'] = True if do_bg is None else do_bg
-        loss = DC_and_BCE_loss({}, soft_dice_kwargs, weight_ce=weight_ce, weight_dice=weight_dice,
+        loss = DC_and_BCE_loss(dict(ce_kwargs or {}), soft_dice_kwargs, weight_ce=weight_ce, weight_dice=weight_dice,
                                use_ignore_label=label_manager.ignore_label is not None,
                                dice_class=dice_class)
     else:
         soft_dice_kwargs['do_bg'] = False if do_bg is None else do_bg
-        loss = DC_and_CE_loss(soft_dice_kwargs, {}, weight_ce=weight_ce, weight_dice=weight_dice,
+        loss = DC_and_CE_loss(soft_dice_kwargs, dict(ce_kwargs or {}), weight_ce=weight_ce, weight_dice=weight_dice,
                               ignore_label=label_manager.ignore_label, dice_class=dice_class)
     if compile_dice:
         loss.dc = torch.compile(loss.dc)
