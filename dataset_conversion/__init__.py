@@ -1,2 +1,10 @@
 """Dataset converters (installed as ``nnunet_ext.dataset_conversion``): one module per dataset,
-each runnable as a console command that writes an nnU-Net raw dataset."""
+each runnable as a console command that writes an nnU-Net raw dataset. ``common`` is their shared toolkit.
+
+``CONVERTERS`` maps each converter's name to its module (each has ``main(argv=None)``), so that tests can
+sweep every converter; add one line per new converter.
+"""
+
+CONVERTERS = {
+    "lits": "nnunet_ext.dataset_conversion.lits",
+}

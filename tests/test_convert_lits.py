@@ -14,9 +14,10 @@ import pytest
 import SimpleITK as sitk
 from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
-from nnunet_ext.dataset_conversion.lits import LiTSConversionError, LiTSGeometryWarning, convert_lits
+from nnunet_ext.dataset_conversion.common import ConversionError, ConversionWarning
+from nnunet_ext.dataset_conversion.lits import convert_lits
 
-pytestmark = pytest.mark.filterwarnings("ignore::nnunet_ext.dataset_conversion.lits.LiTSGeometryWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::nnunet_ext.dataset_conversion.common.ConversionWarning")
 
 TRAINING_NUMBERS = (0, 1, 2, 3, 8, 9, 10, 11)
 BATCH_1, BATCH_2 = "Training Batch 1", "Training Batch 2"
@@ -82,7 +83,7 @@ def converted(synthetic_lits_root: Path, tmp_path_factory: pytest.TempPathFactor
     with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(stdout):
         warnings.simplefilter("always")
         folder = convert_lits(synthetic_lits_root, 3, output, num_processes=2)
-    messages = [str(w.message) for w in caught if issubclass(w.category, LiTSGeometryWarning)]
+    messages = [str(w.message) for w in caught if issubclass(w.category, ConversionWarning)]
     return Conversion(folder, messages, stdout.getvalue())
 
 
@@ -169,7 +170,7 @@ def test_missing_segmentation(synthetic_lits_root: Path, tmp_path: Path) -> None
     """A volume without its segmentation is named; nothing is written."""
     root = copy_release(synthetic_lits_root, tmp_path)
     source_file(root, "segmentation", 10).unlink()
-    with pytest.raises(LiTSConversionError, match=r"volume-10\.nii has no segmentation-10"):
+    with pytest.raises(ConversionError, match=r"volume-10\.nii has no segmentation-10"):
         convert_lits(root, 3, tmp_path / "out")
     assert_nothing_written(tmp_path / "out")
 
@@ -178,7 +179,7 @@ def test_missing_volume(synthetic_lits_root: Path, tmp_path: Path) -> None:
     """A segmentation without its volume is named; nothing is written."""
     root = copy_release(synthetic_lits_root, tmp_path)
     source_file(root, "volume", 2).unlink()
-    with pytest.raises(LiTSConversionError, match=r"segmentation-2\.nii has no volume-2"):
+    with pytest.raises(ConversionError, match=r"segmentation-2\.nii has no volume-2"):
         convert_lits(root, 3, tmp_path / "out")
     assert_nothing_written(tmp_path / "out")
 
@@ -188,7 +189,7 @@ def test_duplicate_case_number(synthetic_lits_root: Path, tmp_path: Path) -> Non
     root = copy_release(synthetic_lits_root, tmp_path)
     sitk.WriteImage(sitk.ReadImage(str(source_file(root, "volume", 1))), str(root / BATCH_2 / "volume-1.nii.gz"))
     duplicate = r"duplicate case number 1: .*volume-1\.nii.* and .*volume-1\.nii\.gz"
-    with pytest.raises(LiTSConversionError, match=duplicate):
+    with pytest.raises(ConversionError, match=duplicate):
         convert_lits(root, 3, tmp_path / "out")
     assert_nothing_written(tmp_path / "out")
 
@@ -200,7 +201,7 @@ def test_size_mismatch(synthetic_lits_root: Path, tmp_path: Path) -> None:
     array = read_array(segmentation)
     rewrite(segmentation, array[:-2])
     x, y, z = array.shape[::-1]
-    with pytest.raises(LiTSConversionError) as error:
+    with pytest.raises(ConversionError) as error:
         convert_lits(root, 3, tmp_path / "out")
     message = str(error.value)
     assert "volume-3.nii" in message and "segmentation-3.nii" in message
@@ -214,7 +215,7 @@ def test_spacing_mismatch(synthetic_lits_root: Path, tmp_path: Path) -> None:
     segmentation = source_file(root, "segmentation", 2)
     sx, sy, sz = sitk.ReadImage(str(segmentation)).GetSpacing()
     rewrite(segmentation, spacing=(sx, sy, sz + 0.5))
-    with pytest.raises(LiTSConversionError, match=r"spacing mismatch: .*volume-2\.nii.*segmentation-2\.nii"):
+    with pytest.raises(ConversionError, match=r"spacing mismatch: .*volume-2\.nii.*segmentation-2\.nii"):
         convert_lits(root, 3, tmp_path / "out")
     assert_nothing_written(tmp_path / "out")
 
@@ -225,7 +226,7 @@ def test_origin_mismatch_is_fixed_with_warning(synthetic_lits_root: Path, tmp_pa
     segmentation = source_file(root, "segmentation", 2)
     ox, oy, oz = sitk.ReadImage(str(segmentation)).GetOrigin()
     rewrite(segmentation, origin=(ox + 5.0, oy, oz))
-    with pytest.warns(LiTSGeometryWarning, match=r"lits_002: origin/direction of .*segmentation-2\.nii"):
+    with pytest.warns(ConversionWarning, match=r"lits_002: origin/direction of .*segmentation-2\.nii"):
         folder = convert_lits(root, 3, tmp_path / "out")
     assert geometry(folder / "labelsTr" / "lits_002.nii.gz") == geometry(source_file(root, "volume", 2))
 
@@ -234,7 +235,7 @@ def test_unreadable_file(synthetic_lits_root: Path, tmp_path: Path) -> None:
     """Garbage bytes in volume-1.nii: the file and SimpleITK's message are named; nothing is written."""
     root = copy_release(synthetic_lits_root, tmp_path)
     source_file(root, "volume", 1).write_bytes(np.random.default_rng(0).bytes(4096))
-    with pytest.raises(LiTSConversionError, match=r"cannot read .*volume-1\.nii: Unable to determine ImageIO reader"):
+    with pytest.raises(ConversionError, match=r"cannot read .*volume-1\.nii: Unable to determine ImageIO reader"):
         convert_lits(root, 3, tmp_path / "out")
     assert_nothing_written(tmp_path / "out")
 
@@ -246,7 +247,7 @@ def test_label_value_3(synthetic_lits_root: Path, tmp_path: Path) -> None:
     array = read_array(segmentation)
     array[array.shape[0] // 2, 3:6, 3:6] = 3
     rewrite(segmentation, array)
-    with pytest.raises(LiTSConversionError, match=r"segmentation-9\.nii has label values \[3\]"):
+    with pytest.raises(ConversionError, match=r"segmentation-9\.nii has label values \[3\]"):
         convert_lits(root, 3, tmp_path / "out")
     assert_nothing_written(tmp_path / "out")
 
@@ -258,7 +259,7 @@ def test_failed_overwrite_leaves_existing_dataset_untouched(synthetic_lits_root:
     before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     segmentation = source_file(root, "segmentation", 11)
     rewrite(segmentation, np.full_like(read_array(segmentation), 7))
-    with pytest.raises(LiTSConversionError, match=r"segmentation-11\.nii has label values \[7\]"):
+    with pytest.raises(ConversionError, match=r"segmentation-11\.nii has label values \[7\]"):
         convert_lits(root, 3, tmp_path / "out", overwrite=True)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["Dataset003_LiTS"]
     assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
@@ -269,7 +270,7 @@ def test_existing_dataset_refused_then_replaced(synthetic_lits_root: Path, tmp_p
     target = tmp_path / "out" / "Dataset003_LiTS"
     target.mkdir(parents=True)
     (target / "old.txt").write_text("previous content")
-    with pytest.raises(LiTSConversionError, match=r"Dataset003_LiTS already exists; pass --overwrite"):
+    with pytest.raises(ConversionError, match=r"Dataset003_LiTS already exists; pass --overwrite"):
         convert_lits(synthetic_lits_root, 3, tmp_path / "out")
     assert [p.name for p in target.iterdir()] == ["old.txt"]
     assert (target / "old.txt").read_text() == "previous content"
@@ -282,7 +283,7 @@ def test_existing_dataset_refused_then_replaced(synthetic_lits_root: Path, tmp_p
 def test_other_dataset_with_same_id(synthetic_lits_root: Path, tmp_path: Path) -> None:
     """Dataset003_Other in the output folder blocks id 3 (nnU-Net could not resolve it)."""
     (tmp_path / "out" / "Dataset003_Other").mkdir(parents=True)
-    with pytest.raises(LiTSConversionError, match=r"Dataset003_Other already uses dataset id 3"):
+    with pytest.raises(ConversionError, match=r"Dataset003_Other already uses dataset id 3"):
         convert_lits(synthetic_lits_root, 3, tmp_path / "out", overwrite=True)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["Dataset003_Other"]
 
