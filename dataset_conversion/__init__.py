@@ -7,4 +7,7 @@ sweep every converter; add one line per new converter.
 
 CONVERTERS = {
     "lits": "nnunet_ext.dataset_conversion.lits",
+    "busi": "nnunet_ext.dataset_conversion.busi",
+    "busis": "nnunet_ext.dataset_conversion.busis",
+    "tn3k": "nnunet_ext.dataset_conversion.tn3k",
 }
