@@ -1,6 +1,6 @@
 """Cost of the deformable convolution and of LFAM U-Net (vs dense conv / plain U-Net).
 
-    python benchmarks/deform_conv_and_lfam.py [--device cpu|cuda] [--repeats 3] [--all]
+    python -m benchmarks.deform_conv_and_lfam [--device cpu|cuda] [--repeats 3] [--all]
 
 (a) one deformable conv layer forward+backward against a dense conv of the same shape:
     3D: B=1, C=16->16, 32^3, k=3 (PyTorch grid_sample path, plain and chunked+checkpointed);
@@ -19,14 +19,11 @@ grid_sample and torchvision's deform_conv2d count 0, so DCN FLOPs are the kernel
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import (count_parameters, flops, fmt_bytes, make_inference_step, make_train_step,  # noqa: E402
-                     median_wall_and_cpu_time, peak_memory, run_in_fresh_process)
+from benchmarks.measure import (count_parameters, flops, fmt_bytes, make_inference_step, make_train_step,
+                                median_wall_and_cpu_time, peak_memory, run_in_fresh_process)
 
 
 

@@ -18,7 +18,7 @@ instance norm, LeakyReLU, no deep supervision.  Validation: hard (argmax) Dice p
 over the small-object images, the large-object images, and all images ("overall"), every
 ``--eval-every`` iterations.
 
-Usage:  python benchmarks/godc_convergence.py --iters 400 --seeds 0 1 2 [--loss dice|dice_ce]
+Usage:  python -m benchmarks.godc_convergence --iters 400 --seeds 0 1 2 [--loss dice|dice_ce]
 """
 from __future__ import annotations
 
@@ -159,7 +159,10 @@ def main():
             print(f'# seed {seed} {kind:5s} done in {time.time() - t:.1f}s', flush=True)
 
     cols = {'overall': 1, 'small': 2, 'large': 3}
-    fmt = lambda v: '-' if v is None else str(v)
+
+    def fmt(v):
+        return '-' if v is None else str(v)
+
     head = ['seed', 'loss'] + [f'it@{c}>={t}' for c in ('overall', 'small', 'large') for t in args.targets] + \
            ['final_all', 'final_small', 'final_large', 'best_all', 'auc_all']
     rows = []

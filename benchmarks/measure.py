@@ -72,7 +72,8 @@ import torch
 from torch import nn
 
 __all__ = ["PeakMemory", "count_parameters", "total_loss", "make_train_step", "make_inference_step",
-           "median_time", "median_wall_and_cpu_time", "throughput", "flops", "peak_memory", "run_in_fresh_process", "fmt_bytes"]
+           "median_time", "median_wall_and_cpu_time", "throughput", "flops", "peak_memory", "run_in_fresh_process",
+           "fmt_bytes"]
 
 
 @dataclass
