@@ -10,4 +10,6 @@ CONVERTERS = {
     "busi": "nnunet_ext.dataset_conversion.busi",
     "busis": "nnunet_ext.dataset_conversion.busis",
     "tn3k": "nnunet_ext.dataset_conversion.tn3k",
+    "synapse": "nnunet_ext.dataset_conversion.synapse",
+    "acdc": "nnunet_ext.dataset_conversion.acdc",
 }

@@ -13,10 +13,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from nnunet_ext.synthetic.acdc import make_synthetic_acdc
 from nnunet_ext.synthetic.lits import make_synthetic_lits
+from nnunet_ext.synthetic.synapse import make_synthetic_synapse
 
 GENERATORS: dict[str, Callable[..., dict]] = {
     "lits": make_synthetic_lits,
+    "synapse": make_synthetic_synapse,
+    "acdc": make_synthetic_acdc,
 }
 
 
