@@ -12,4 +12,7 @@ CONVERTERS = {
     "tn3k": "nnunet_ext.dataset_conversion.tn3k",
     "synapse": "nnunet_ext.dataset_conversion.synapse",
     "acdc": "nnunet_ext.dataset_conversion.acdc",
+    "kidneyus": "nnunet_ext.dataset_conversion.kidneyus",
+    "ussim": "nnunet_ext.dataset_conversion.ussim",
+    "liverus": "nnunet_ext.dataset_conversion.liverus",
 }

@@ -9,7 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Tuple
 
+from nnunet_ext.dataset_conversion.ussim import RELEASE as USSIM_RELEASE
+from nnunet_ext.synthetic.kidneyus import make_synthetic_kidneyus
+from nnunet_ext.synthetic.liverus import make_synthetic_liverus
 from nnunet_ext.synthetic.lits import make_synthetic_lits
+from nnunet_ext.synthetic.ussim import make_synthetic_ussim
 
 
 @dataclass(frozen=True)
@@ -26,4 +30,10 @@ class DatasetSpec:
 DATASETS = {
     "lits": DatasetSpec(511, "SyntheticLiTS", make_synthetic_lits, "nnunet_ext.dataset_conversion.lits",
                         configuration="3d_fullres"),
+    "kidneyus": DatasetSpec(531, "SyntheticKidneyUS", make_synthetic_kidneyus, "nnunet_ext.dataset_conversion.kidneyus",
+                            converter_args=("--task", "capsule", "--annotator", "1")),
+    "ussim": DatasetSpec(532, "SyntheticUSSim", make_synthetic_ussim, "nnunet_ext.dataset_conversion.ussim",
+                         input_subfolder=USSIM_RELEASE[0], converter_args=("--subset", "AUS", "--task", "liver")),
+    "liverus": DatasetSpec(533, "SyntheticLiverUS", make_synthetic_liverus, "nnunet_ext.dataset_conversion.liverus",
+                           converter_args=("--task", "liver")),
 }

@@ -14,11 +14,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nnunet_ext.synthetic.acdc import make_synthetic_acdc
+from nnunet_ext.synthetic.kidneyus import make_synthetic_kidneyus
+from nnunet_ext.synthetic.liverus import make_synthetic_liverus
 from nnunet_ext.synthetic.lits import make_synthetic_lits
+from nnunet_ext.synthetic.ussim import make_synthetic_ussim
 from nnunet_ext.synthetic.synapse import make_synthetic_synapse
 
 GENERATORS: dict[str, Callable[..., dict]] = {
     "lits": make_synthetic_lits,
+    "kidneyus": make_synthetic_kidneyus,
+    "ussim": make_synthetic_ussim,
+    "liverus": make_synthetic_liverus,
     "synapse": make_synthetic_synapse,
     "acdc": make_synthetic_acdc,
 }
