@@ -42,7 +42,11 @@ class DemoRun:
 
     def run(self, *command) -> subprocess.CompletedProcess:
         """Run a command in a new process with the demo's nnU-Net environment; it must succeed."""
-        result = subprocess.run([str(c) for c in command], env=self.env, capture_output=True, text=True)
+        return self.run_with({}, *command)
+
+    def run_with(self, env: dict, *command) -> subprocess.CompletedProcess:
+        """``run`` with some variables of the environment replaced."""
+        result = subprocess.run([str(c) for c in command], env={**self.env, **env}, capture_output=True, text=True)
         assert result.returncode == 0, f"{command[0]} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
         return result
 
@@ -61,6 +65,14 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
     assert result.returncode == 0, f"demo failed:\n{result.stdout}\n{result.stderr}"
     env = Demo(workdir, DEFAULT_TRAINER, DEMO_DATASET_ID, "cpu").env  # the environment the demo's commands had
     return DemoRun(workdir, result.stdout, env)
+
+
+@pytest.fixture(scope="session")
+def plain_checkpoint(demo_run: DemoRun) -> Path:
+    """A plain nnU-Net model (``nnUNetTrainer_quick``: nnU-Net's network and loss) trained on the demo's data."""
+    demo_run.run(nnunet_command("nnUNetv2_train"), DEMO_DATASET_ID, "3d_fullres", 0, "-tr", "nnUNetTrainer_quick",
+                 "-device", "cpu")
+    return demo_run.model_folder("nnUNetTrainer_quick") / "fold_0" / "checkpoint_final.pth"
 
 
 def nnunet_command(name: str) -> str:

@@ -1,4 +1,5 @@
-"""LFAM + GODC through the real nnU-Net commands, on the demo's preprocessed synthetic LiTS data."""
+"""LFAM + GODC through the real nnU-Net commands, on the demo's preprocessed synthetic LiTS data, fine-tuned from a
+plain nnU-Net checkpoint of the same plan (``-pretrained_weights``)."""
 import json
 
 import numpy as np
@@ -8,8 +9,10 @@ import torch
 TRAINER = "nnUNetTrainerLFAMGODC_quick"
 
 
-def test_train_predict_evaluate(demo_run, tmp_path):
-    demo_run.run("nnUNetv2_train", "501", "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu")
+def test_train_predict_evaluate(demo_run, plain_checkpoint, tmp_path):
+    train = demo_run.run("nnUNetv2_train", "501", "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu",
+                         "-pretrained_weights", plain_checkpoint)
+    assert "Pretrained weights from" in train.stdout and "lfam" in train.stdout
     fold = demo_run.model_folder(TRAINER) / "fold_0"
     checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert checkpoint["trainer_name"] == TRAINER and checkpoint["current_epoch"] == 2

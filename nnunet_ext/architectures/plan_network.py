@@ -4,6 +4,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch._dynamo import OptimizedModule
 
 from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
@@ -26,6 +27,15 @@ def build_plan_network(configuration_manager, num_input_channels: int, num_outpu
         num_output_channels,
         allow_init=True,
         deep_supervision=enable_deep_supervision)
+
+
+def unwrap_network(network: nn.Module) -> nn.Module:
+    """The network inside DDP and ``torch.compile`` wrappers."""
+    if isinstance(network, nn.parallel.DistributedDataParallel):
+        network = network.module
+    if isinstance(network, OptimizedModule):
+        network = network._orig_mod
+    return network
 
 
 class PlanUNetWrapper(AbstractDynamicNetworkArchitectures):

@@ -44,11 +44,11 @@ and the networks wrapping it) or, for networks without such a decoder, ``network
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Dict, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
-from torch._dynamo import OptimizedModule
 
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
@@ -56,8 +56,10 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
+from nnunet_ext.architectures.plan_network import unwrap_network
 from nnunet_ext.losses.compound import build_dice_ce_loss, deep_supervision_weights
 from nnunet_ext.losses.multi_output_deep_supervision import MultiOutputDeepSupervisionWrapper
+from nnunet_ext.training.pretrained import load_pretrained_weights
 
 
 @dataclass(frozen=True)
@@ -72,15 +74,6 @@ QUICK_SCHEDULE = TrainingSchedule(epochs=2, iterations=5, val_iterations=2)
 """Smoke runs (demo, end-to-end tests, CI): enough to exercise every stage of nnU-Net's pipeline, far too short to
 learn a useful model. nnU-Net has no command-line switch for the length of training; like its own
 ``nnUNetTrainer_1epoch`` a trainer variant sets it."""
-
-
-def unwrap_network(network: nn.Module) -> nn.Module:
-    """The network inside DDP and ``torch.compile`` wrappers."""
-    if isinstance(network, nn.parallel.DistributedDataParallel):
-        network = network.module
-    if isinstance(network, OptimizedModule):
-        network = network._orig_mod
-    return network
 
 
 def configuration_dimension(configuration_manager) -> int:
@@ -144,6 +137,14 @@ class nnUNetExtTrainer(nnUNetTrainer):
                 allow_init=True, deep_supervision=enable_deep_supervision)
         return cls.network_factory(plans_manager, configuration_manager, num_input_channels, num_output_channels,
                                    enable_deep_supervision, **cls.network_kwargs)
+
+    def initialize(self):
+        """nnU-Net's ``initialize``; also installs ``nnunet_ext.training.pretrained.load_pretrained_weights`` for
+        ``nnUNetv2_train -pretrained_weights`` (networks around the plan's U-Net load a plain nnU-Net checkpoint of
+        the same plan, their own modules are listed in the log; other networks load as in nnU-Net)."""
+        super().initialize()
+        import nnunetv2.run.run_training as run_training
+        run_training.load_pretrained_weights = partial(load_pretrained_weights, log=self.print_to_log_file)
 
     # --- loss -----------------------------------------------------------------------------------------------
 

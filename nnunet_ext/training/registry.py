@@ -14,6 +14,7 @@ from typing import Dict, List, Type
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 METHOD_MODULES = (
+    "nnunet_ext.training.baseline",
     "nnunet_ext.training.dpcnet",
     "nnunet_ext.training.godc_lfam",
 )

@@ -1,0 +1,1 @@
+"""Evaluation of nnU-Net predictions with the papers' metrics, and method comparisons with a report."""
