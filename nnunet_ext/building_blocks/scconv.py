@@ -1,0 +1,89 @@
+"""SCRNet's Spatial Gate and Channel Refinement (Xu & Wang, "SCRNet", Sec. III-A, Eq. 1-5), built on
+SCConv's SRU and CRU (Li et al., CVPR 2023). One code path for 2D and 3D: ``conv_op`` picks the dimension.
+
+Spatial Gate (Eq. 1-3), SCConv's SRU in the form of its reference code (the "current form"):
+``GN(X)`` with per-channel scale ``gamma``; ``w_gamma = gamma / sum(gamma)`` (the paper's Eq. 1 writes
+a softmax, the reference code normalises by the sum; we follow the code); ``W = sigmoid(GN(X) * w_gamma)``;
+``W1 = where(W > t, 1, W)``, ``W2 = where(W > t, 0, W)`` with threshold ``t = 0.5``; ``X_w1 = W1 * X``,
+``X_w2 = W2 * X`` (both on the raw input); output ``cat(X_w1^1 + X_w2^2, X_w1^2 + X_w2^1)`` over channel halves.
+
+Channel Refinement (Eq. 4-5), SCConv's CRU without its fusion (SCRNet replaces it by the FAM): split the
+channels at ``alpha = 1/2``, squeeze each part by 2 with a 1x1 conv (``X_C1``, ``X_C2``);
+``X_H = GWC(X_C1) + PWC(X_C1)`` (group-wise conv, 2 groups, the plan's kernel size; point-wise conv), both
+``C`` channels wide; ``X_L = cat(X_C2, PWC(X_C2))``, also ``C`` channels.
+"""
+from math import gcd
+from typing import Sequence, Tuple, Type, Union
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+
+class SpatialGate(nn.Module):
+    """Spatial Gate (SCRNet Eq. 1-3; SCConv SRU).
+
+    :param channels: C, must be even (the reconstruction adds channel halves crosswise).
+    :param group_num: GroupNorm groups (SCConv's default inside ScConv: 4); ``gcd(group_num, C)`` is used
+        so that narrow stages work.
+    :param gate_threshold: the threshold of Eq. 2 (0.5).
+    """
+
+    def __init__(self, channels: int, group_num: int = 4, gate_threshold: float = 0.5):
+        super().__init__()
+        if channels % 2:
+            raise ValueError(f"SpatialGate needs an even channel count (Eq. 3 adds channel halves), got {channels}")
+        self.gn = nn.GroupNorm(gcd(group_num, channels), channels)
+        self.gate_threshold = gate_threshold
+
+    def gate_weights(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(W1, W2)`` of Eq. 2: the informative weights (1 above the threshold) and the non-informative
+        ones (0 above the threshold)."""
+        w_gamma = (self.gn.weight / self.gn.weight.sum()).view(1, -1, *([1] * (x.ndim - 2)))
+        w = torch.sigmoid(self.gn(x) * w_gamma)
+        above = w > self.gate_threshold
+        return torch.where(above, torch.ones_like(w), w), torch.where(above, torch.zeros_like(w), w)
+
+    @staticmethod
+    def reconstruct(x_w1: torch.Tensor, x_w2: torch.Tensor) -> torch.Tensor:
+        """Eq. 3: ``cat(X_w1^1 + X_w2^2, X_w1^2 + X_w2^1)``."""
+        x11, x12 = torch.chunk(x_w1, 2, dim=1)
+        x21, x22 = torch.chunk(x_w2, 2, dim=1)
+        return torch.cat((x11 + x22, x12 + x21), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w1, w2 = self.gate_weights(x)
+        return self.reconstruct(w1 * x, w2 * x)
+
+
+class ChannelRefinement(nn.Module):
+    """Channel Refinement (SCRNet Eq. 4-5; SCConv CRU without its fusion): ``C`` channels -> ``(X_H, X_L)``,
+    each ``C`` channels.
+
+    :param kernel_size: of the group-wise conv (SCConv: 3; here the plan's kernel size of the stage).
+    :param alpha: split ratio (1/2), ``squeeze_ratio``: 1x1 squeeze factor (2), ``group_size``: GWC groups (2;
+        ``gcd(group_size, squeezed channels)`` is used so that narrow stages work).
+    """
+
+    def __init__(self, conv_op: Type[_ConvNd], channels: int, kernel_size: Union[int, Sequence[int]] = 3,
+                 alpha: float = 0.5, squeeze_ratio: int = 2, group_size: int = 2):
+        super().__init__()
+        self.up_channels = int(alpha * channels)
+        self.low_channels = channels - self.up_channels
+        up_sq, low_sq = self.up_channels // squeeze_ratio, self.low_channels // squeeze_ratio
+        if min(up_sq, low_sq) < 1:
+            raise ValueError(f"ChannelRefinement: {channels} channels are too few for alpha={alpha} and "
+                             f"squeeze ratio {squeeze_ratio}")
+        padding = [k // 2 for k in kernel_size] if isinstance(kernel_size, (list, tuple)) else kernel_size // 2
+        self.squeeze_high = conv_op(self.up_channels, up_sq, 1, bias=False)
+        self.squeeze_low = conv_op(self.low_channels, low_sq, 1, bias=False)
+        self.gwc = conv_op(up_sq, channels, kernel_size, padding=padding, groups=gcd(group_size, up_sq))
+        self.pwc_high = conv_op(up_sq, channels, 1, bias=False)
+        self.pwc_low = conv_op(low_sq, channels - low_sq, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        up, low = torch.split(x, [self.up_channels, self.low_channels], dim=1)
+        x_c1, x_c2 = self.squeeze_high(up), self.squeeze_low(low)
+        x_h = self.gwc(x_c1) + self.pwc_high(x_c1)
+        x_l = torch.cat((x_c2, self.pwc_low(x_c2)), dim=1)
+        return x_h, x_l
