@@ -99,8 +99,8 @@ def discover_category(folder: Path, category: str, problems: common.Problems) ->
     numbers = dict((path, number) for number, path in image_files)
     images = common.index_by([path for _, path in image_files], numbers.get, problems, "image number")
     first_masks = {number: files[0] for number, files in masks.items()}
-    pairs = common.pair_files(images, first_masks, problems, image_word=f"image '{category} (N).png'",
-                              label_word=f"mask '{category} (N)_mask.png'")
+    pairs = common.pair_files(images, first_masks, problems, image_word=f"image '{category} ({{key}}).png'",
+                              label_word=f"mask '{category} ({{key}})_mask.png'")
     return {number: (image, masks[number]) for number, image, _ in pairs}
 
 

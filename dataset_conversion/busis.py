@@ -66,6 +66,11 @@ def mask_stem(rule: str, stem: str) -> str:
     return named
 
 
+def braces(text: object) -> str:
+    """``text`` with its braces doubled, for the ``str.format`` words of ``common.pair_files``."""
+    return str(text).replace("{", "{{").replace("}", "}}")
+
+
 @dataclass(frozen=True)
 class BUSISCase:
     """One BUSIS image, its mask, and how to convert it."""
@@ -93,8 +98,10 @@ def discover(images_folder: Path, masks_folder: Path, rule: str, problems: commo
                              lambda p: mask_stem(rule, common.strip_ending(p, ENDINGS)), problems, "image stem")
     masks = common.index_by(common.find_files(masks_folder, ENDINGS), lambda p: common.strip_ending(p, ENDINGS),
                             problems, "mask stem")
-    pairs = common.pair_files(images, masks, problems, image_word=f"image in {images_folder}",
-                              label_word=f"mask in {masks_folder} (rule --mask-stem {rule!r})")
+    pairs = common.pair_files(images, masks, problems, image_word=f"image in {braces(images_folder)} (its mask stem "
+                                                                  f"by --mask-stem {braces(repr(rule))} is {{key}})",
+                              label_word=f"mask {{key}}.bmp/.png in {braces(masks_folder)} (by --mask-stem "
+                                         f"{braces(repr(rule))})")
     cases = [BUSISCase(case_id(common.strip_ending(image, ENDINGS)), image, mask, rgb) for _, image, mask in pairs]
     common.index_by([case.image for case in cases], lambda p: case_id(common.strip_ending(p, ENDINGS)), problems,
                     "case id (stems that differ only in other characters than letters and digits)")

@@ -105,7 +105,8 @@ def discover_subset(root: Path, images: str, masks: str, test: bool, rgb: bool,
     if missing:
         return []
     pairs = common.pair_files(numbered_files(folders[0], problems), numbered_files(folders[1], problems), problems,
-                              image_word=f"image in {images}", label_word=f"mask in {masks}")
+                              image_word=f"image {images}/{{key:04d}}.jpg",
+                              label_word=f"mask {masks}/{{key:04d}}.jpg")
     return [TN3KCase(case_id(number, test), image, mask, test, rgb) for number, image, mask in pairs]
 
 

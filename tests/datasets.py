@@ -9,10 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Tuple
 
+from nnunet_ext.dataset_conversion import busi, tn3k
 from nnunet_ext.dataset_conversion.ussim import RELEASE as USSIM_RELEASE
 from nnunet_ext.synthetic.kidneyus import make_synthetic_kidneyus
 from nnunet_ext.synthetic.liverus import make_synthetic_liverus
 from nnunet_ext.synthetic.lits import make_synthetic_lits
+from nnunet_ext.synthetic.ultrasound_breast_thyroid import (BUSIS_ROOT, make_synthetic_busi, make_synthetic_busis,
+                                                           make_synthetic_tn3k)
 from nnunet_ext.synthetic.ussim import make_synthetic_ussim
 
 
@@ -36,4 +39,10 @@ DATASETS = {
                          input_subfolder=USSIM_RELEASE[0], converter_args=("--subset", "AUS", "--task", "liver")),
     "liverus": DatasetSpec(533, "SyntheticLiverUS", make_synthetic_liverus, "nnunet_ext.dataset_conversion.liverus",
                            converter_args=("--task", "liver")),
+    "busi": DatasetSpec(521, "SyntheticBUSI", make_synthetic_busi, "nnunet_ext.dataset_conversion.busi",
+                        input_subfolder=busi.ROOT_FOLDER),
+    "busis": DatasetSpec(522, "SyntheticBUSIS", make_synthetic_busis, "nnunet_ext.dataset_conversion.busis",
+                         input_subfolder=BUSIS_ROOT),
+    "tn3k": DatasetSpec(523, "SyntheticTN3K", make_synthetic_tn3k, "nnunet_ext.dataset_conversion.tn3k",
+                        input_subfolder=tn3k.ROOT_FOLDER),
 }

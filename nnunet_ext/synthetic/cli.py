@@ -13,20 +13,24 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from nnunet_ext.synthetic import ultrasound_breast_thyroid as breast_thyroid
 from nnunet_ext.synthetic.acdc import make_synthetic_acdc
 from nnunet_ext.synthetic.kidneyus import make_synthetic_kidneyus
-from nnunet_ext.synthetic.liverus import make_synthetic_liverus
 from nnunet_ext.synthetic.lits import make_synthetic_lits
-from nnunet_ext.synthetic.ussim import make_synthetic_ussim
+from nnunet_ext.synthetic.liverus import make_synthetic_liverus
 from nnunet_ext.synthetic.synapse import make_synthetic_synapse
+from nnunet_ext.synthetic.ussim import make_synthetic_ussim
 
 GENERATORS: dict[str, Callable[..., dict]] = {
     "lits": make_synthetic_lits,
+    "synapse": make_synthetic_synapse,
+    "acdc": make_synthetic_acdc,
     "kidneyus": make_synthetic_kidneyus,
     "ussim": make_synthetic_ussim,
     "liverus": make_synthetic_liverus,
-    "synapse": make_synthetic_synapse,
-    "acdc": make_synthetic_acdc,
+    "busi": breast_thyroid.make_synthetic_busi,
+    "busis": breast_thyroid.make_synthetic_busis,
+    "tn3k": breast_thyroid.make_synthetic_tn3k,
 }
 
 
