@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Tuple
 
-from nnunet_ext.dataset_conversion import busi, tn3k
+from nnunet_ext.dataset_conversion import acdc, busi, synapse, tn3k
 from nnunet_ext.dataset_conversion.ussim import RELEASE as USSIM_RELEASE
+from nnunet_ext.synthetic.acdc import make_synthetic_acdc
 from nnunet_ext.synthetic.kidneyus import make_synthetic_kidneyus
 from nnunet_ext.synthetic.liverus import make_synthetic_liverus
 from nnunet_ext.synthetic.lits import make_synthetic_lits
+from nnunet_ext.synthetic.synapse import make_synthetic_synapse
 from nnunet_ext.synthetic.ultrasound_breast_thyroid import (BUSIS_ROOT, make_synthetic_busi, make_synthetic_busis,
                                                            make_synthetic_tn3k)
 from nnunet_ext.synthetic.ussim import make_synthetic_ussim
@@ -33,6 +35,10 @@ class DatasetSpec:
 DATASETS = {
     "lits": DatasetSpec(511, "SyntheticLiTS", make_synthetic_lits, "nnunet_ext.dataset_conversion.lits",
                         configuration="3d_fullres"),
+    "synapse": DatasetSpec(541, "SyntheticSynapse", make_synthetic_synapse, "nnunet_ext.dataset_conversion.synapse",
+                           input_subfolder=synapse.RAW_DATA),
+    "acdc": DatasetSpec(542, "SyntheticACDC", make_synthetic_acdc, "nnunet_ext.dataset_conversion.acdc",
+                        input_subfolder=acdc.DATABASE),
     "kidneyus": DatasetSpec(531, "SyntheticKidneyUS", make_synthetic_kidneyus, "nnunet_ext.dataset_conversion.kidneyus",
                             converter_args=("--task", "capsule", "--annotator", "1")),
     "ussim": DatasetSpec(532, "SyntheticUSSim", make_synthetic_ussim, "nnunet_ext.dataset_conversion.ussim",
