@@ -9,7 +9,7 @@ With Gradient-Optimized Dice Loss", IEEE SPL 2024).
 - ``nnUNetTrainerLFAMGODC``: the paper's method in nnU-Net, LFAM network + GODC + CE.
 - ``nnUNetTrainerLFAMGODCCoarse``: as above without LFAM at full resolution (memory-bounded).
 - ``nnUNetTrainerLFAMGODCPaper``: the paper's recipe, LFAM network + GODC alone, Adam 2e-4.
-- ``nnUNetTrainerLFAMGODC_quick``: a few iterations only, for smoke runs.
+- ``nnUNetTrainerLFAMGODC_quick``, ``nnUNetTrainerGODC_quick``: a few iterations only, for smoke runs.
 
 GODC needs per-sample Dice, so its trainers use ``batch_dice=False`` whatever the plan says. The LFAM
 trainers recompute the 3D deformable sampling in backward instead of storing it (``checkpoint=True``:
@@ -53,5 +53,11 @@ class nnUNetTrainerLFAMGODCPaper(nnUNetTrainerLFAMGODC):
 
 class nnUNetTrainerLFAMGODC_quick(nnUNetTrainerLFAMGODC):
     """``nnUNetTrainerLFAMGODC`` with the smoke-run schedule (``QUICK_SCHEDULE``, no mirroring)."""
+    schedule = QUICK_SCHEDULE
+    mirroring = False
+
+
+class nnUNetTrainerGODC_quick(nnUNetTrainerGODC):
+    """``nnUNetTrainerGODC`` with the smoke-run schedule (``QUICK_SCHEDULE``, no mirroring)."""
     schedule = QUICK_SCHEDULE
     mirroring = False
