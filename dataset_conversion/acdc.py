@@ -161,15 +161,16 @@ def discover_frames(database: Path, test_labels: bool, problems: common.Problems
             problems.add(folder, f"{folder} does not exist: nnU-Net's ACDC conversion reads {TRAINING}/ and "
                                  f"{TESTING}/ of the {DATABASE} folder")
             continue
-        patients = sorted(p for p in folder.iterdir() if p.is_dir())
-        for patient in patients:
+        patients = 0
+        for patient in sorted(p for p in folder.iterdir() if p.is_dir()):
             if PATIENT_FOLDER.fullmatch(patient.name) is None:
                 problems.add(patient, f"{patient} is not a patientNNN folder, but nnU-Net's ACDC conversion would "
                                       f"copy its .gz files: remove it")
             else:
+                patients += 1
                 frames += patient_frames(patient, subset == TESTING, test_labels, problems)
-        if subset == TRAINING and len(patients) < MIN_TRAINING_PATIENTS:
-            problems.add(folder, f"{folder} has {len(patients)} patient folders; nnU-Net's patient-wise 5-fold "
+        if subset == TRAINING and patients < MIN_TRAINING_PATIENTS:
+            problems.add(folder, f"{folder} has {patients} patient folders; nnU-Net's patient-wise 5-fold "
                                  f"split needs at least {MIN_TRAINING_PATIENTS}")
     return frames
 
