@@ -277,6 +277,22 @@ def _read_complete(path: Path) -> sitk.Image:
         raise ConversionError(f"cannot read {path}: {_sitk_message(error)}") from None
 
 
+def non_finite_voxels(path: Path, image: sitk.Image) -> np.ndarray | None:
+    """Mask (numpy order, like ``sitk.GetArrayFromImage``) of the NaN/inf voxels stored in ``path``, or None.
+
+    SimpleITK's NIfTI reader turns NaN and inf into 0 without a word (issue 14 item 4), so float NIfTI data is
+    inspected as stored, with nibabel; other formats through the SimpleITK voxels.
+    """
+    if is_nifti(path) and nibabel.load(str(path)).header.get_data_dtype().kind in "fc":
+        stored = np.asanyarray(nibabel.load(str(path)).dataobj)
+        bad = ~np.isfinite(stored).T
+    elif image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        bad = ~np.isfinite(sitk.GetArrayViewFromImage(image))
+    else:
+        return None
+    return bad if bad.any() else None
+
+
 def read_image(path: Path, nan_to: float | None = None) -> sitk.Image:
     """Read a whole medical image with SimpleITK after checking that a NIfTI file is complete.
 
@@ -284,24 +300,28 @@ def read_image(path: Path, nan_to: float | None = None) -> sitk.Image:
     then they are replaced by it (the ``--nan-to`` option of the converters).
     """
     image = _read_complete(path)
-    if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-        array = sitk.GetArrayFromImage(image)
-        bad = ~np.isfinite(array)
-        if bad.any():
-            if nan_to is None:
-                raise ConversionError(f"{path} has {int(bad.sum())} non-finite voxels (NaN or inf); fix the file "
-                                      f"or pass --nan-to VALUE to replace them")
-            array[bad] = nan_to
-            fixed = sitk.GetImageFromArray(array)
-            fixed.CopyInformation(image)
-            image = fixed
-    return image
+    bad = non_finite_voxels(path, image)
+    if bad is None:
+        return image
+    if nan_to is None:
+        raise ConversionError(f"{path} has {int(bad.sum())} non-finite voxels (NaN or inf); fix the file "
+                              f"or pass --nan-to VALUE to replace them")
+    array = sitk.GetArrayFromImage(image)
+    if array.shape != bad.shape:
+        raise ConversionError(f"{path}: cannot replace non-finite voxels of a {array.shape} multi-component image")
+    array[bad] = nan_to
+    fixed = sitk.GetImageFromArray(array)
+    fixed.CopyInformation(image)
+    return fixed
 
 
 def read_label(path: Path, allowed: Sequence[int]) -> sitk.Image:
-    """Read a whole label image (NIfTI completeness checked) as uint8 with its geometry; NaN, non-integral
+    """Read a whole label image (NIfTI completeness checked) as uint8 with its geometry; NaN/inf, non-integral
     values and values outside ``allowed`` are errors naming the file and the values."""
     image = _read_complete(path)
+    bad = non_finite_voxels(path, image)
+    if bad is not None:
+        raise ConversionError(f"{path} has non-finite label values (NaN or inf) in {int(bad.sum())} voxels")
     label = sitk.GetImageFromArray(label_values_checked(sitk.GetArrayViewFromImage(image), allowed, path))
     label.CopyInformation(image)
     return label
@@ -314,7 +334,7 @@ def label_values_checked(array: np.ndarray, allowed: Sequence[int], path: Path |
             raise ConversionError(f"{path} has non-finite label values (NaN or inf)")
         if not np.array_equal(array, np.round(array)):
             raise ConversionError(f"{path} has non-integral label values, e.g. "
-                                  f"{array[array != np.round(array)].flat[0]!r}")
+                                  f"{float(array[array != np.round(array)].flat[0]):g}")
     unexpected = np.unique(array[~np.isin(array, allowed)])
     if unexpected.size:
         shown = [int(v) if float(v).is_integer() else float(v) for v in unexpected[:10]]
