@@ -84,7 +84,7 @@ class BUSICase:
 
 def discover_category(folder: Path, category: str, problems: common.Problems) -> dict[int, tuple[Path, list[Path]]]:
     """Number -> (image, masks) of one category folder; bad names and unpaired files go to ``problems``."""
-    image_files: list[tuple[int, Path]] = []
+    image_numbers: dict[Path, int] = {}
     masks: dict[int, list[Path]] = {}
     for path in common.find_files(folder, (".png",)):
         match = NAME.fullmatch(path.name)
@@ -95,9 +95,8 @@ def discover_category(folder: Path, category: str, problems: common.Problems) ->
         elif match["mask"]:
             masks.setdefault(int(match["number"]), []).append(path)
         else:
-            image_files.append((int(match["number"]), path))
-    numbers = dict((path, number) for number, path in image_files)
-    images = common.index_by([path for _, path in image_files], numbers.get, problems, "image number")
+            image_numbers[path] = int(match["number"])
+    images = common.index_by(image_numbers, image_numbers.get, problems, "image number")
     first_masks = {number: files[0] for number, files in masks.items()}
     pairs = common.pair_files(images, first_masks, problems, image_word=f"image '{category} ({{key}}).png'",
                               label_word=f"mask '{category} ({{key}})_mask.png'")

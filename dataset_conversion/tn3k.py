@@ -117,9 +117,10 @@ def read_fold(path: Path, trainval_ids: list[str]) -> dict[str, list[str]]:
     except (OSError, ValueError) as error:
         raise common.ConversionError(f"cannot read fold file {path}: {error}") from None
     if not isinstance(fold, dict) or set(fold) != {"train", "val"} or not all(
-            isinstance(fold[k], list) for k in fold):
-        raise common.ConversionError(f"{path} must hold {{\"train\": [indices], \"val\": [indices]}}, got "
-                                     f"{type(fold).__name__} {sorted(fold) if isinstance(fold, dict) else ''}")
+            isinstance(indices, list) for indices in fold.values()):
+        got = (f"a JSON {type(fold).__name__}" if not isinstance(fold, dict) else
+               f"the keys {sorted(fold)}" if set(fold) != {"train", "val"} else "train/val values that are not lists")
+        raise common.ConversionError(f"{path} must hold {{\"train\": [indices], \"val\": [indices]}}, got {got}")
     problems = []
     for key in ("train", "val"):
         bad = [i for i in fold[key] if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(trainval_ids)]

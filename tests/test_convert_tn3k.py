@@ -106,6 +106,10 @@ def break_string_index(root: Path) -> None:
     edit_fold(root, 4, train=["0001", 2])
 
 
+def break_fold_keys(root: Path) -> None:
+    (root / "tn3k-trainval-fold3.json").write_text(json.dumps({"training": [0, 1], "val": [2]}))
+
+
 def break_no_mask(root: Path) -> None:
     (root / "trainval-mask" / "0006.jpg").unlink()
 
@@ -140,6 +144,8 @@ BAD_INPUTS = {
     "unknown fold index": (break_unknown_index, r"fold2\.json: unknown val indices \[15\] \(indices into the 15 "
                                                 r"numerically sorted trainval images, 0\.\.14\)"),
     "fold index not an integer": (break_string_index, r"fold4\.json: unknown train indices \['0001'\]"),
+    "fold file without train and val": (break_fold_keys, r"fold3\.json must hold \{\"train\": \[indices\], "
+                                                         r"\"val\": \[indices\]\}, got the keys \['training', 'val'\]"),
     "image without mask": (break_no_mask, r"trainval-image/0006\.jpg has no mask trainval-mask/0006\.jpg"),
     "mask without image": (break_no_image, r"test-mask/0002\.jpg has no image test-image/0002\.jpg"),
     "mask of another size": (break_size, r"size mismatch: \S+test-mask/0001\.jpg is 33x21"),
