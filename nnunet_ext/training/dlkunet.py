@@ -1,14 +1,15 @@
-"""nnU-Net trainers for DLKUNet (Tang et al., ``papers/dlkunet``): every combination of
+"""nnU-Net trainers for DLKUNet (Tang et al., ``papers/dlkunet``), generated for every
 
 - variant ``S``, ``M``, ``L`` (``nnunet_ext.architectures.dlkunet``; depth bounded by the plan's strides),
 - loss: nnU-Net's Dice + CE (``""``), the phase-based schedule (``PhaseLoss``, Eq. 11) or the dynamic schedule
   (``DynamicLoss``, Eq. 12-13) of ``nnunet_ext.losses.schedules``, applied every epoch by the trainer base,
-- recipe: nnU-Net's (``""``: SGD 1e-2, poly, 1000 epochs), the paper's optimiser (``Paper``: Adam 1e-3, weight
-  decay 1e-5, with nnU-Net's poly decay instead of the paper's step decay) or the smoke-run schedule (``_quick``),
+- schedule: nnU-Net's (1000 epochs, SGD 1e-2, poly) or the smoke run (``_quick``),
 
-named ``nnUNetTrainerDLKUNet<variant><loss><recipe>`` (e.g. ``nnUNetTrainerDLKUNetLPhaseLossPaper``,
-``nnUNetTrainerDLKUNetS_quick``). The classes are generated below and bound in this module's globals with their
-own ``__module__``/``__qualname__``, so pickling, the registry and nnU-Net's lookup by name find them.
+plus the paper's optimiser per variant (``Paper``: Adam 1e-3, weight decay 1e-5, nnU-Net's poly decay instead of the
+paper's step decay; Dice + CE), named ``nnUNetTrainerDLKUNet<variant><loss><recipe>`` (e.g.
+``nnUNetTrainerDLKUNetLPhaseLoss``, ``nnUNetTrainerDLKUNetSDynamicLoss_quick``, ``nnUNetTrainerDLKUNetMPaper``).
+The classes are generated below and bound in this module's globals with their own ``__module__``/``__qualname__``,
+so pickling, the registry and nnU-Net's lookup by name find them.
 """
 from typing import Dict
 
@@ -39,18 +40,20 @@ RECIPES = {
 }
 
 
+COMBINATIONS = [(loss, recipe) for loss in LOSS_VARIANTS for recipe in ("", "_quick")] + [("", "Paper")]
+
+
 def _generate() -> Dict[str, type]:
     trainers = {}
     for variant in VARIANT_DEPTH:
-        for loss_name, loss_attributes in LOSS_VARIANTS.items():
-            for recipe_name, recipe_attributes in RECIPES.items():
-                name = f"nnUNetTrainerDLKUNet{variant}{loss_name}{recipe_name}"
-                doc = (f"DLKUNet-{variant}, {loss_name or 'Dice + CE'} loss, "
-                       f"{recipe_name.strip('_') or 'nnU-Net'} recipe (generated in {__name__}).")
-                attributes = {"__module__": __name__, "__qualname__": name, "__doc__": doc,
-                              "network_factory": staticmethod(build_dlkunet_from_plans),
-                              "network_kwargs": {"variant": variant}, **loss_attributes, **recipe_attributes}
-                trainers[name] = type(name, (DLKUNetDeepSupervisionMixin, nnUNetExtTrainer), attributes)
+        for loss_name, recipe_name in COMBINATIONS:
+            name = f"nnUNetTrainerDLKUNet{variant}{loss_name}{recipe_name}"
+            doc = (f"DLKUNet-{variant}, {loss_name or 'Dice + CE'} loss, "
+                   f"{recipe_name.strip('_') or 'nnU-Net'} recipe (generated in {__name__}).")
+            attributes = {"__module__": __name__, "__qualname__": name, "__doc__": doc,
+                          "network_factory": staticmethod(build_dlkunet_from_plans),
+                          "network_kwargs": {"variant": variant}, **LOSS_VARIANTS[loss_name], **RECIPES[recipe_name]}
+            trainers[name] = type(name, (DLKUNetDeepSupervisionMixin, nnUNetExtTrainer), attributes)
     return trainers
 
 
