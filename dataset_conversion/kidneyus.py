@@ -118,9 +118,8 @@ def mask_folder(root: Path, annotator: int, task: str) -> Path:
 def find_images(root: Path, problems: common.Problems) -> dict[str, Path]:
     """Stem -> image for every ``<n>_<DICOM id>_anon.png`` under ``root`` outside the ``reviewed_masks_*`` folders."""
     masks = re.compile(MASKS_FOLDER.format(annotator=r"\d+"))
-    files = [p for p in common.find_files(root, IMAGE_ENDINGS)
-             if parse_name(common.strip_ending(p, IMAGE_ENDINGS)) and not any(masks.fullmatch(part)
-                                                                                 for part in p.parts)]
+    files = [p for p in common.find_files(root, IMAGE_ENDINGS) if parse_name(common.strip_ending(p, IMAGE_ENDINGS))
+             and not any(masks.fullmatch(part) for part in p.relative_to(root).parts)]
     return common.index_by(files, lambda p: common.strip_ending(p, IMAGE_ENDINGS), problems, "image name")
 
 

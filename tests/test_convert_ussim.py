@@ -129,12 +129,13 @@ def test_liver_task_and_rus_subset(release: dict, tmp_path: Path):
         label = read(folder / "labelsTr" / f"aus_train_{stem}.png")
         assert np.array_equal(label, (release["labels"]["AUS", "train", stem] == LIVER).astype(np.uint8))
     assert json.loads((folder / "dataset.json").read_text())["labels"] == {"background": 0, "liver": 1}
-    rus = ussim.convert_ussim(release["root"], 533, tmp_path / "rus", "RUS", subset="RUS")
+    rus = ussim.convert_ussim(release["root"], 533, tmp_path / "rus", "RUS", subset="RUS", rgb=True)
     assert sorted(p.name for p in (rus / "labelsTr").iterdir()) == ["rus_test_us001.png", "rus_test_us002.png",
                                                                     "rus_test_us003.png"]
-    assert sorted(p.name for p in (rus / "imagesTs").iterdir()) == ["rus_train_us001_0000.png",
-                                                                    "rus_train_us002_0000.png"]
+    assert sorted(p.name for p in (rus / "imagesTs").iterdir()) == [
+        f"rus_train_us00{n}_000{c}.png" for n in (1, 2) for c in (0, 1, 2)]  # --rgb: R, G, B as three channels
     assert not (rus / "labelsTs").exists()
+    assert json.loads((rus / "dataset.json").read_text())["channel_names"] == {"0": "R", "1": "G", "2": "B"}
 
 
 def break_no_annotation(aus: Path) -> None:
