@@ -44,12 +44,13 @@ Command line::
 
     nnunet_ext_convert_acdc database -d 542 [-n ACDC] [--no-test-labels] [-o OUTPUT] [--overwrite]
                             [--dry-run] [-np N]
+
+``-np`` sets the processes of the checks (reading every file); nnU-Net's copy is sequential.
 """
 from __future__ import annotations
 
 import re
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,8 +248,7 @@ def convert_acdc(input_root: Path, dataset_id: int, output_folder: Path, dataset
             description="ACDC cine MRI, ED and ES frames; converted with nnU-Net's Dataset027_ACDC functions",
             converted_by="nnunet_ext.dataset_conversion.acdc"), num_training)
         common.write_splits(partial, nnunet_acdc.create_ACDC_split(str(partial / "labelsTr")), training)
-    print(f"Converted {len(training)} training and {len(frames) - len(training)} test frames to {target}",
-          file=sys.stdout, flush=True)
+    print(f"Converted {len(training)} training and {len(frames) - len(training)} test frames to {target}", flush=True)
     return target
 
 

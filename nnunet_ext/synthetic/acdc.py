@@ -15,12 +15,13 @@ the public release::
 
 ``Info.cfg`` holds ``ED``, ``ES``, ``Group``, ``Height``, ``NbFrame`` and ``Weight`` lines
 (``ED: 1``), frame numbers 1-based and zero padded to two digits in file names. Training patients
-are numbered from 001, testing patients from 101. The testing folders carry ``_gt`` files too
-(``test_labels``; the labels of the 50 test patients are public now); nnU-Net's conversion ignores them.
+are numbered from 001, testing patients from 101. The testing folders carry ``_gt`` files too by
+default, as we understand the current public release to have them (``test_labels=False``: the 2017
+challenge layout without them); nnU-Net's conversion ignores them.
 
 Quirks reproduced, so that only a converter that reads ``Info.cfg`` gets the frames right:
 
-* ES is a different frame in every patient and the ED frame is 1 except in ``LATE_ED_PATIENT``
+* ES varies between patients and the ED frame is 1 except in ``LATE_ED_PATIENT``
   (ED frame 2), so frame numbers in file names cannot be guessed;
 * the cine ``_4d`` file holds every frame, the ED/ES frame files are copies of two of its frames;
 * anisotropic slices (5-10 mm) and in-plane spacing 1.37-1.68 mm varying per patient.
