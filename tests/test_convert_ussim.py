@@ -1,8 +1,12 @@
 """US simulation converter (``nnunet_ext.dataset_conversion.ussim``) on its synthetic twin: palette matching,
 quirks, bad inputs, planning by nnU-Net."""
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +210,26 @@ def test_bad_input_is_refused_and_nothing_is_written(bad: str, release: dict, tm
     error = capsys.readouterr().err
     assert error.startswith("error: ") and re.search(message, error) and "Traceback" not in error, error
     assert list(output.iterdir()) == []
+
+
+def test_sigint_while_writing_leaves_nothing(tmp_path: Path):
+    """SIGINT after the first converted case: exit 130, no dataset, no temporary folder, other data untouched."""
+    release = make_synthetic_ussim(tmp_path / "release", num_train=150)
+    output = tmp_path / "raw"
+    (output / "Dataset099_Other").mkdir(parents=True)
+    (output / "Dataset099_Other" / "keep.txt").write_text("untouched")
+    process = subprocess.Popen([sys.executable, "-m", "nnunet_ext.dataset_conversion.ussim", str(release["root"]),
+                                "-d", "532", "-o", str(output)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    first = process.stdout.readline()
+    assert first.startswith("[1/152] "), first + process.stderr.read()
+    assert any(p.name.startswith(".Dataset532_USSim.partial-") for p in output.iterdir())  # writing has begun
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGINT, stderr
+    assert "interrupted by SIGINT" in stderr and "Converted" not in stdout
+    assert sorted(p.name for p in output.iterdir()) == ["Dataset099_Other"]
+    assert (output / "Dataset099_Other" / "keep.txt").read_text() == "untouched"
 
 
 def test_tolerance_is_enforced_on_jpeg_annotations(release: dict, tmp_path: Path):

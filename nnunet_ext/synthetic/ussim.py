@@ -114,19 +114,24 @@ def write_case(folder: dict[str, Path], stem: str, rng: np.random.Generator, ann
     return labels
 
 
-def make_synthetic_ussim(root: Path, seed: int = 0, overwrite: bool = False) -> dict:
+def make_synthetic_ussim(root: Path, seed: int = 0, overwrite: bool = False, num_train: int = 10) -> dict:
     """Generate the synthetic US simulation release under ``root`` (see the module docstring).
+
+    ``num_train`` AUS training images (at least 5, so that every quirk has its image; default 10).
 
     Returns a dict with ``root``, ``release`` (the ``abdominal_US/abdominal_US`` folder), ``cases``
     ({(subset, split): [stems]}), ``annotated`` ({(subset, split): bool}), ``quirks`` ({quirk: stem})
     and ``labels`` ({(subset, split, stem): organ index map, 0 background, 1 + index in ORGAN_COLOURS}).
     """
+    if num_train < 5:
+        raise ValueError(f"num_train must be at least 5 (the quirks use AUS training images 1-4), got {num_train}")
     root = Path(root)
     prepare_root(root, overwrite, (RELEASE[0],))
+    layout = {**LAYOUT, "AUS": {**LAYOUT["AUS"], "train": (num_train, True)}}
     release = root.joinpath(*RELEASE)
     quirk_of = {where: quirk for quirk, where in QUIRKS.items()}
     cases, annotated, labels = {}, {}, {}
-    for subset_index, (subset, splits) in enumerate(LAYOUT.items()):
+    for subset_index, (subset, splits) in enumerate(layout.items()):
         for split_index, (split, (count, has_annotations)) in enumerate(splits.items()):
             folder = {kind: release / subset / kind / split for kind in (IMAGES, ANNOTATIONS)}
             folder[IMAGES].mkdir(parents=True)
