@@ -1,7 +1,7 @@
 """Tiny synthetic releases of BUSI, BUSIS and TN3K (SCRNet's datasets), in their real layouts and quirks.
 
-They are the fixtures of the converter tests and the 2D datasets of the demo: 40-80 px images,
-written in well under a second. Images come from the B-mode model of
+They are the fixtures of the converter tests and of the end-to-end runs of 2D trainers
+(``tests/datasets.py``): 44-76 px images, written in well under a second. Images come from the B-mode model of
 :mod:`nnunet_ext.synthetic.ultrasound_abdominal` with a linear probe (a fan whose apex lies
 infinitely far above the image, i.e. parallel scan lines): skin, fat, gland and chest-wall layers
 with speckle, and a hypoechoic lesion with posterior acoustic enhancement (benign) or shadowing
