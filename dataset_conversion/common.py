@@ -22,7 +22,7 @@ module does everything else the same way for every dataset. The shape of a conve
 
     def convert(input_root, dataset_id, output_folder, dataset_name="Mine", overwrite=False, dry_run=False,
                 num_processes=1) -> Path:
-        target = common.check_target(output_folder, dataset_id, dataset_name, overwrite)
+        target = common.check_target(output_folder, dataset_id, dataset_name, overwrite, dry_run)
         files = common.find_files(common.check_input_root(input_root, "the release folder"), (".png",))
         problems = common.Problems()
         cases = ...                                     # pair files, problems.add(path, "has no mask") ...
@@ -233,10 +233,11 @@ def check_nifti_complete(path: Path) -> None:
     """Refuse a NIfTI file holding fewer voxel bytes than its header promises (a truncated copy or a failed
     write; SimpleITK would zero-fill the rest) or a broken gzip stream. The whole file is read."""
     try:
-        header = nibabel.load(str(path)).header
+        image = nibabel.load(str(path))
     except Exception as error:  # nibabel raises many types for garbage headers
         raise ConversionError(f"cannot read {path}: not a valid NIfTI file ({error})") from None
-    expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    # the file's vox_offset (the loaded header copy has it reset to 0) + the voxel bytes
+    expected = int(image.dataobj.offset) + int(np.prod(image.shape)) * image.get_data_dtype().itemsize
     if str(path).lower().endswith(".gz"):
         size = 0
         try:
@@ -628,14 +629,15 @@ def nnunet_folders(output_folder: Path) -> list[Path]:
     return [f for f in unique.values() if f.is_dir()]
 
 
-def check_target(output_folder: Path | str, dataset_id: int, dataset_name: str, overwrite: bool) -> Path:
+def check_target(output_folder: Path | str, dataset_id: int, dataset_name: str, overwrite: bool,
+                 dry_run: bool = False) -> Path:
     """The dataset folder ``output_folder/Dataset{id:03d}_{name}`` after the refusal rules.
 
     Refused (all problems reported together): an output path that is a file; another dataset with the same id
     (``Dataset003_Other``) or the same name under another id in the output folder, ``$nnUNet_raw``,
     ``$nnUNet_preprocessed`` or ``$nnUNet_results`` (nnU-Net could not tell them apart); an existing target
     without ``overwrite``; a conversion to the same target still running. Temporary folders left by a killed
-    earlier run (:func:`clean_stale_folders`) are cleaned first.
+    earlier run (:func:`clean_stale_folders`) are cleaned first (with ``dry_run`` only named).
     """
     output_folder = Path(output_folder)
     name = dataset_folder_name(dataset_id, dataset_name)
@@ -643,7 +645,7 @@ def check_target(output_folder: Path | str, dataset_id: int, dataset_name: str, 
     if output_folder.exists() and not output_folder.is_dir():
         raise ConversionError(f"output folder {output_folder} is not a folder")
     if output_folder.is_dir():
-        clean_stale_folders(output_folder, target)
+        clean_stale_folders(output_folder, target, dry_run)
     problems = Problems()
     for folder in nnunet_folders(output_folder):
         for other in sorted(folder.glob("Dataset[0-9][0-9][0-9]_*"), key=natural_key):
@@ -675,12 +677,12 @@ def _alive(host: str, pid: int) -> bool | None:
     return True
 
 
-def clean_stale_folders(output_folder: Path, target: Path) -> None:
+def clean_stale_folders(output_folder: Path, target: Path, dry_run: bool = False) -> None:
     """Deal with hidden temporary folders of ``target`` left by an earlier run killed with SIGKILL (issue 14
     item 5): a ``.partial-*`` folder of a dead process is removed; an ``.old-*`` folder (a previous dataset
     moved aside while being replaced) is removed when the target exists, else renamed back to the target;
-    each action is printed. A folder of a process still running refuses the run; one made on another host
-    (cannot tell) is named with the command that removes it."""
+    each action is printed (with ``dry_run`` only announced). A folder of a process still running refuses the run;
+    one made on another host (cannot tell) is named with the command that removes it."""
     for folder in sorted(output_folder.iterdir()):
         match = _PARTIAL.fullmatch(folder.name)
         if match is None or match.group(1) != target.name:
@@ -694,12 +696,15 @@ def clean_stale_folders(output_folder: Path, target: Path) -> None:
             raise ConversionError(f"{folder} was left by a conversion on host {host}; if that run is over, remove it "
                                   f"with: rm -rf '{folder}'")
         if kind == "old" and not target.exists():
-            folder.rename(target)
-            print(f"Restored {target} from {folder.name}, left by an interrupted --overwrite run (process {pid})",
-                  file=sys.stderr, flush=True)
+            if not dry_run:
+                folder.rename(target)
+            print(f"{'Would restore' if dry_run else 'Restored'} {target} from {folder.name}, left by an interrupted "
+                  f"--overwrite run (process {pid})", file=sys.stderr, flush=True)
             continue
-        shutil.rmtree(folder)
-        print(f"Removed {folder}, left by an interrupted conversion (process {pid})", file=sys.stderr, flush=True)
+        if not dry_run:
+            shutil.rmtree(folder)
+        print(f"{'Would remove' if dry_run else 'Removed'} {folder}, left by an interrupted conversion "
+              f"(process {pid})", file=sys.stderr, flush=True)
 
 
 def _temporary_sibling(target: Path, kind: str) -> Path:

@@ -169,7 +169,7 @@ def convert_lits(input_root: Path, dataset_id: int, output_folder: Path, dataset
     Raises :class:`common.ConversionError` naming every offending file; emits a :class:`common.ConversionWarning`
     per label whose geometry is replaced or reoriented.
     """
-    target = common.check_target(output_folder, dataset_id, dataset_name, overwrite)
+    target = common.check_target(output_folder, dataset_id, dataset_name, overwrite, dry_run)
     cases = discover_cases(Path(input_root), nan_to)
     return common.write_dataset(target, cases, convert_case, common.DatasetJson(dataset_name=dataset_name,
                                                                                 **DATASET_JSON),

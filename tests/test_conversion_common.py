@@ -87,12 +87,14 @@ def nifti(path: Path, array: np.ndarray, compress: bool = False) -> Path:
 
 
 @pytest.mark.parametrize("name", ["v.nii", "v.nii.gz"])
-def test_truncated_nifti_is_refused(tmp_path: Path, name: str) -> None:
-    """Half a file: SimpleITK alone would zero-fill the missing voxels; the reader refuses it."""
+@pytest.mark.parametrize("keep", ["half", "all but 10 bytes"])
+def test_truncated_nifti_is_refused(tmp_path: Path, name: str, keep: str) -> None:
+    """A cut file: SimpleITK alone would zero-fill the missing voxels; the reader refuses it."""
     array = np.random.default_rng(0).integers(-1000, 1000, (20, 32, 32)).astype(np.int16)
     path = nifti(tmp_path / name, array, compress=name.endswith(".gz"))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(common.read_image(path)), array)
-    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    size = path.stat().st_size
+    path.write_bytes(path.read_bytes()[:size // 2 if keep == "half" else size - 10])
     with pytest.raises(common.ConversionError, match=rf"{name} is truncated"):
         common.read_image(path)
 
@@ -322,8 +324,8 @@ def dead_pid() -> int:
 
 
 def test_stale_temporary_folders(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """A dead run's partial folder is removed, its moved-aside old dataset restored; a live run's folder and one
-    from another host refuse the run (the latter names the command that removes it)."""
+    """A dead run's partial folder is removed, its moved-aside old dataset restored (a dry run only says so); a
+    live run's folder and one from another host refuse the run (the latter names the command that removes it)."""
     host, pid = socket.gethostname(), dead_pid()
     partial = tmp_path / f".Dataset003_Mine.partial-{host}-{pid}-0123abcd"
     old = tmp_path / f".Dataset003_Mine.old-{host}-{pid}-0123abce"
@@ -331,6 +333,9 @@ def test_stale_temporary_folders(tmp_path: Path, capsys: pytest.CaptureFixture) 
     for folder in (partial, old, other):
         (folder / "imagesTr").mkdir(parents=True)
     (old / "dataset.json").write_text("{}")
+    common.check_target(tmp_path, 3, "Mine", overwrite=True, dry_run=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([partial.name, old.name, other.name])
+    assert f"Would remove {partial}" in capsys.readouterr().err
     target = common.check_target(tmp_path, 3, "Mine", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "Dataset003_Mine"]
     assert (target / "dataset.json").read_text() == "{}"

@@ -249,3 +249,16 @@ def test_input_root_that_is_a_file(work: Workspace) -> None:
     work.assert_refused(work.convert(root=path), f"input {path} is a file, not a folder")
     missing = work.root / "no such folder"
     work.assert_refused(work.convert(root=missing), f"input folder {missing} does not exist")
+
+
+# ------------------------------------------------------------------------------------------------ dry run
+def test_dry_run_reads_everything_and_writes_nothing(work: Workspace) -> None:
+    result = work.convert("--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == (
+        f"Dry run: all 10 cases are valid; would write 8 training and 2 test cases, dataset.json to "
+        f"{work.raw / 'Dataset003_LiTS'} (replacing it); nothing was written")
+    assert snapshot(work.raw) == work.before
+    path = work.source("volume", 9)
+    path.write_bytes(path.read_bytes()[:-100])
+    work.assert_refused(work.convert("--dry-run"), str(path), "truncated")
