@@ -60,6 +60,7 @@ import sys
 import uuid
 import warnings
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -811,8 +812,7 @@ def write_dataset(target: Path, cases: Sequence[Any], convert_case: Callable[[An
     if not cases:
         raise ConversionError("no cases to convert")
     training = [c.case_id for c in cases if not c.test]
-    ids = [c.case_id for c in cases]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1}, key=natural_key)
+    duplicates = sorted((i for i, n in Counter(c.case_id for c in cases).items() if n > 1), key=natural_key)
     if duplicates:
         raise ConversionError(f"case ids used twice: {duplicates[:10]}")
     if dry_run:

@@ -490,3 +490,13 @@ def test_registered_converter_follows_the_command_line_conventions(name: str, tm
         assert result.stderr.startswith("error: ") and expected in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_write_dataset_refuses_repeated_case_ids_and_bad_process_count(tmp_path: Path) -> None:
+    cases = png_release(tmp_path / "release")
+    with pytest.raises(common.ConversionError, match=r"case ids used twice: \['tiny_000'\]"):
+        common.write_dataset(tmp_path / "raw" / "Dataset007_Tiny", cases + cases[:1], convert_png_case, DATASET_JSON)
+    with pytest.raises(common.ConversionError, match=r"number of processes must be at least 1, got 0"):
+        common.write_dataset(tmp_path / "raw" / "Dataset007_Tiny", cases, convert_png_case, DATASET_JSON,
+                             num_processes=0)
+    assert not (tmp_path / "raw").exists()
