@@ -15,8 +15,10 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 METHOD_MODULES = (
     "nnunet_ext.training.baseline",
+    "nnunet_ext.training.dlkunet",
     "nnunet_ext.training.dpcnet",
     "nnunet_ext.training.godc_lfam",
+    "nnunet_ext.training.scrnet",
 )
 
 
