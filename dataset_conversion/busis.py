@@ -8,8 +8,9 @@ folder, or absolute), BMP or PNG, and a rule that names each image's mask::
 
 ``--mask-stem`` is a ``str.format`` rule applied to the image stem, ``{stem}`` by default (same
 stem), e.g. ``{stem}_GT`` for ``case1.bmp`` -> ``case1_GT.png``; image and mask extensions may
-differ. Case ids are ``busis_<stem>`` with every run of characters other than letters and digits
-replaced by ``_`` (``case 1`` -> ``busis_case_1``).
+differ. Images and masks may also share one folder (``--images . --masks . --mask-stem '{stem}_mask'``):
+a file whose stem is the mask stem of another file is then a mask. Case ids are ``busis_<stem>`` with
+every run of characters other than letters and digits replaced by ``_`` (``case 1`` -> ``busis_case_1``).
 
 Output, in ``<output>/Dataset{id:03d}_{name}/``: ``imagesTr/busis_<stem>_0000.png`` (greyscale;
 ``--rgb`` keeps three channels), ``labelsTr/busis_<stem>.png`` (uint8, 0 background, 1 lesion),
@@ -93,11 +94,22 @@ def folder_under(root: Path, folder: Path | str, what: str) -> Path:
 
 def discover(images_folder: Path, masks_folder: Path, rule: str, problems: common.Problems,
              rgb: bool = False) -> list[BUSISCase]:
-    """Pair every image with the mask its stem names by ``rule``; problems go to ``problems``."""
-    images = common.index_by(common.find_files(images_folder, ENDINGS),
-                             lambda p: mask_stem(rule, common.strip_ending(p, ENDINGS)), problems, "image stem")
-    masks = common.index_by(common.find_files(masks_folder, ENDINGS), lambda p: common.strip_ending(p, ENDINGS),
-                            problems, "mask stem")
+    """Pair every image with the mask its stem names by ``rule``; problems go to ``problems``.
+
+    Images and masks may share one folder: then a file whose stem is the mask stem of another file
+    is a mask, not an image (``case1.png`` and ``case1_mask.png`` with ``--mask-stem '{stem}_mask'``).
+    """
+    image_files, mask_files = common.find_files(images_folder, ENDINGS), common.find_files(masks_folder, ENDINGS)
+    if images_folder.resolve() == masks_folder.resolve():
+        if mask_stem(rule, "x") == "x":
+            raise common.ConversionError(f"images and masks are both in {images_folder}: give the masks' names "
+                                         f"with a --mask-stem rule other than '{{stem}}', e.g. '{{stem}}_mask'")
+        named = {mask_stem(rule, common.strip_ending(p, ENDINGS)) for p in image_files}
+        mask_files = [p for p in image_files if common.strip_ending(p, ENDINGS) in named]
+        image_files = [p for p in image_files if p not in mask_files]
+    images = common.index_by(image_files, lambda p: mask_stem(rule, common.strip_ending(p, ENDINGS)), problems,
+                             "image stem")
+    masks = common.index_by(mask_files, lambda p: common.strip_ending(p, ENDINGS), problems, "mask stem")
     pairs = common.pair_files(images, masks, problems, image_word=f"image in {braces(images_folder)} (its mask stem "
                                                                   f"by --mask-stem {braces(repr(rule))} is {{key}})",
                               label_word=f"mask {{key}}.bmp/.png in {braces(masks_folder)} (by --mask-stem "

@@ -69,6 +69,23 @@ def test_stem_rule_and_folders(tmp_path: Path):
     assert sorted(p.name for p in (folder / "labelsTr").iterdir()) == [f"busis_{n}.png" for n in range(1, 6)]
 
 
+def test_images_and_masks_in_one_folder(release: dict, tmp_path: Path):
+    """``case.bmp`` next to ``case_mask.png``: with ``--mask-stem '{stem}_mask'`` the masks are not taken as images."""
+    folder = tmp_path / "one_folder"
+    folder.mkdir()
+    for stem in ("1", "2", "3"):
+        shutil.copy(release["dataset_folder"] / "original" / f"{stem}.bmp", folder / f"{stem}.bmp")
+        mask = release["dataset_folder"] / "GT" / release["mask_files"][stem]
+        shutil.copy(mask, folder / f"{stem}_mask{mask.suffix}")
+    with pytest.raises(ConversionError, match=r"images and masks are both in \S+one_folder: .* other than '\{stem\}'"):
+        busis.convert_busis(folder, 522, tmp_path / "raw", images=".", masks=".")
+    dataset = busis.convert_busis(folder, 522, tmp_path / "raw", images=".", masks=".", rule="{stem}_mask")
+    assert sorted(p.name for p in (dataset / "imagesTr").iterdir()) == ["busis_1_0000.png", "busis_2_0000.png",
+                                                                        "busis_3_0000.png"]
+    label = np.asarray(Image.open(dataset / "labelsTr" / "busis_3.png"))
+    assert label.sum() == release["lesion_pixels"]["3"]
+
+
 def break_no_mask(root: Path) -> None:
     (root / "GT" / "5.png").unlink()
 
