@@ -679,27 +679,31 @@ def _alive(host: str, pid: int) -> bool | None:
 
 
 def clean_stale_folders(output_folder: Path, target: Path, dry_run: bool = False) -> None:
-    """Deal with hidden temporary folders of ``target`` left by an earlier run killed with SIGKILL (issue 14
-    item 5): a ``.partial-*`` folder of a dead process is removed; an ``.old-*`` folder (a previous dataset
-    moved aside while being replaced) is removed when the target exists, else renamed back to the target;
-    each action is printed (with ``dry_run`` only announced). A folder of a process still running refuses the run;
-    one made on another host (cannot tell) is named with the command that removes it."""
+    """Deal with the hidden temporary folders ``.DatasetXXX_Name.partial-*``/``.old-*`` left in ``output_folder``
+    by runs killed with SIGKILL (issue 14 item 5). One of a dead process on this host is cleaned, whatever dataset
+    it was for: a ``.partial-*`` folder is removed; an ``.old-*`` folder (a previous dataset moved aside while being
+    replaced) is removed when its dataset exists, else renamed back to it; each action is printed (with ``dry_run``
+    only announced). For ``target`` itself, a folder of a process still running refuses the run, and one made on
+    another host (cannot tell whether it still runs) is named with the command that removes it; such folders of
+    other datasets are left alone."""
     for folder in sorted(output_folder.iterdir()):
         match = _PARTIAL.fullmatch(folder.name)
-        if match is None or match.group(1) != target.name:
+        if match is None:
             continue
-        kind, host, pid = match.group(2), match.group(3), int(match.group(4))
+        owner, kind, host, pid = output_folder / match.group(1), match.group(2), match.group(3), int(match.group(4))
         alive = _alive(host, pid)
+        if alive is not False and owner.name != target.name:
+            continue
         if alive:
             raise ConversionError(f"{folder} belongs to a conversion to {target.name} still running (process {pid}); "
                                   f"wait for it to finish or stop it")
         if alive is None:
             raise ConversionError(f"{folder} was left by a conversion on host {host}; if that run is over, remove it "
                                   f"with: rm -rf '{folder}'")
-        if kind == "old" and not target.exists():
+        if kind == "old" and not owner.exists():
             if not dry_run:
-                folder.rename(target)
-            print(f"{'Would restore' if dry_run else 'Restored'} {target} from {folder.name}, left by an interrupted "
+                folder.rename(owner)
+            print(f"{'Would restore' if dry_run else 'Restored'} {owner} from {folder.name}, left by an interrupted "
                   f"--overwrite run (process {pid})", file=sys.stderr, flush=True)
             continue
         if not dry_run:

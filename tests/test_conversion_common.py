@@ -4,6 +4,7 @@ import importlib
 import json
 import os
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -324,23 +325,27 @@ def dead_pid() -> int:
 
 
 def test_stale_temporary_folders(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """A dead run's partial folder is removed, its moved-aside old dataset restored (a dry run only says so); a
-    live run's folder and one from another host refuse the run (the latter names the command that removes it)."""
+    """A dead run's partial folder (of any dataset) is removed, its moved-aside old dataset restored (a dry run only
+    says so); a live run's folder of another dataset is left alone, one of the target refuses the run, and so does
+    one from another host (naming the command that removes it)."""
     host, pid = socket.gethostname(), dead_pid()
     partial = tmp_path / f".Dataset003_Mine.partial-{host}-{pid}-0123abcd"
     old = tmp_path / f".Dataset003_Mine.old-{host}-{pid}-0123abce"
-    other = tmp_path / f".Dataset004_Mine.partial-{host}-{pid}-0123abcf"  # another target: not touched
-    for folder in (partial, old, other):
+    other = tmp_path / f".Dataset004_Else.partial-{host}-{pid}-0123abcf"  # another dataset's, dead: removed too
+    running = tmp_path / f".Dataset005_Else.partial-{host}-{os.getpid()}-0123abcf"  # another dataset's, live: kept
+    for folder in (partial, old, other, running):
         (folder / "imagesTr").mkdir(parents=True)
     (old / "dataset.json").write_text("{}")
     common.check_target(tmp_path, 3, "Mine", overwrite=True, dry_run=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([partial.name, old.name, other.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([partial.name, old.name, other.name, running.name])
     assert f"Would remove {partial}" in capsys.readouterr().err
     target = common.check_target(tmp_path, 3, "Mine", overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "Dataset003_Mine"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "Dataset003_Mine"]
+    shutil.rmtree(running)
     assert (target / "dataset.json").read_text() == "{}"
     printed = capsys.readouterr().err
     assert f"Removed {partial}, left by an interrupted conversion (process {pid})" in printed
+    assert f"Removed {other}, left by an interrupted conversion (process {pid})" in printed
     assert f"Restored {target} from {old.name}" in printed
 
     live = tmp_path / f".Dataset003_Mine.partial-{host}-{os.getpid()}-0123abcd"
