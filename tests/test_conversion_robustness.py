@@ -6,12 +6,17 @@ Every failing run converts with ``--overwrite`` into an nnUNet_raw that already 
 ``Dataset003_LiTS``: afterwards that folder must be byte for byte as before, with nothing new next to it
 (no ``.partial-*`` leftovers), the exit status non-zero and the message naming the file and the reason.
 """
+import fcntl
 import hashlib
 import os
+import pty
+import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 import warnings
 from pathlib import Path
@@ -262,3 +267,27 @@ def test_dry_run_reads_everything_and_writes_nothing(work: Workspace) -> None:
     path = work.source("volume", 9)
     path.write_bytes(path.read_bytes()[:-100])
     work.assert_refused(work.convert("--dry-run"), str(path), "truncated")
+
+
+# ------------------------------------------------------------------------------------------- progress bar
+def test_progress_bar_on_a_terminal(work: Workspace) -> None:
+    """On a terminal (a pseudo-terminal of 120 columns) stderr shows a tqdm bar (``40%|####  | 4/10 [...case/s]``);
+    the log lines stay on stdout (without a terminal, as in the tests above, there is no bar)."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    process = subprocess.Popen(work.command(), env=work.env, stdin=terminal, stdout=subprocess.PIPE, stderr=terminal)
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the terminal closes when the process ends
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    stdout = process.communicate(timeout=300)[0].decode()
+    assert process.returncode == 0
+    assert re.search(rb"\d+%\|.*\| \d+/10 \[", shown) and b"case/s" in shown
+    assert stdout.splitlines()[0] == "[1/10] volume-0.nii -> lits_000"
