@@ -82,7 +82,7 @@ def test_compare_two_quick_trainers_resumes_after_interruption(demo_run, plain_c
     assert cost["nnUNetTrainerDPCNet_quick"]["parameters"] > cost["nnUNetTrainer"]["parameters"]
 
     markdown = (output / "report.md").read_text()
-    accuracy_rows = [line for line in markdown.splitlines() if line.startswith(TRAINERS)]
+    accuracy_rows = [line for line in markdown.splitlines() if line.startswith(tuple(f"| {t} |" for t in TRAINERS))]
     assert len(accuracy_rows) == 2 * 2 + 2          # trainers x labels, then the two cost rows
     assert all("±" in line for line in accuracy_rows[:4])
     assert "| nnUNetTrainer | " in markdown and "(1.00x)" in markdown
@@ -110,3 +110,20 @@ def test_compare_trains_a_2d_trainer_with_nnunet(planned_dataset, tmp_path):
     assert set(report["accuracy"]["nnUNetTrainer_quick"]) == {"1"}
     check_png(output / "metrics.png")
     assert "Not measured" in (output / "report.md").read_text()
+
+
+def test_compare_refuses_missing_folders_and_unknown_datasets(tmp_path):
+    env = {"PATH": os.environ["PATH"]}
+    command = compare_command(7, "2d", tmp_path / "out", "nnUNetTrainer_quick")
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "nnUNet_raw, nnUNet_preprocessed, nnUNet_results" in result.stderr
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / name / "Dataset007_A").mkdir(parents=True)
+        env[name] = str(tmp_path / name)
+    (tmp_path / "nnUNet_preprocessed" / "Dataset007_B").mkdir()
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "Dataset007_A" in result.stderr and "Dataset007_B" in result.stderr
+    result = subprocess.run(compare_command("Dataset007_A", "2d", tmp_path / "out", "nnUNetTrainer_quick"), env=env,
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "nnUNetPlans.json: run nnUNetv2_plan_and_preprocess first" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -69,7 +69,7 @@ class Comparison:
     cost_repeats: int = 3
     num_processes: int = 1
     env: Dict[str, str] = field(default_factory=lambda: dict(os.environ))
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = field(default=lambda message: print(message, flush=True))
 
     def __post_init__(self):
         self.output = Path(self.output).resolve()
