@@ -140,3 +140,22 @@ def test_labels_regions_and_ignore_label():
     assert case_metrics(reference, prediction, spacing, [1])[1]["FP"] == 7
     # a label subset
     assert list(case_metrics(reference, prediction, spacing, [2])) == [2]
+
+
+def test_overlapping_cubes_3d_hand_computed():
+    # 3x3x3 cubes, the prediction one 3 mm slice further: TP 18, FP 9, FN 9. Surface distances from the reference:
+    # its first layer (9 voxels) is 3 mm from the prediction's first layer, its middle ring (8) and last ring (8) lie
+    # on the prediction's surface (0), its last layer's centre is 0.7 mm from the prediction's ring; same both ways
+    reference = np.zeros((6, 5, 5), dtype=bool)
+    prediction = np.zeros_like(reference)
+    reference[0:3, 1:4, 1:4] = True
+    prediction[1:4, 1:4, 1:4] = True
+    m = mask_metrics(reference, prediction, spacing=(3.0, 0.7, 0.7))
+    assert (m["TP"], m["FP"], m["FN"], m["TN"]) == (18, 9, 9, 150 - 36)
+    assert m["Dice"] == pytest.approx(2 / 3) and m["IoU"] == pytest.approx(0.5)
+    assert m["Precision"] == pytest.approx(2 / 3) and m["Recall"] == pytest.approx(2 / 3) and m["RVD"] == 0
+    a_to_b, b_to_a = surface_distances(prediction, reference, (3.0, 0.7, 0.7))
+    assert sorted(a_to_b) == pytest.approx([0.0] * 16 + [0.7] + [3.0] * 9)
+    assert sorted(b_to_a) == pytest.approx([0.0] * 16 + [0.7] + [3.0] * 9)
+    assert m["ASSD"] == pytest.approx((9 * 3.0 + 0.7) / 26)
+    assert m["HD95"] == pytest.approx(3.0)
