@@ -14,9 +14,9 @@ module does everything else the same way for every dataset. The shape of a conve
 
     def convert_case(case: MyCase, folder: Path | None) -> str:
         image = common.read_png(case.image)            # full read; damaged files raise ConversionError
-        mask = common.read_png(case.label)              # (only for training cases)
+        mask = common.read_png(case.label) // 255       # (only for training cases)
         if folder is not None:                          # None: --dry-run, only check
-            common.write_png_image(image, common.image_file(folder, case.case_id, ".png", case.test))
+            common.write_png_image(image, folder, case.case_id, case.test, source=case.image)
             common.write_png_mask(mask, common.label_file(folder, case.case_id, ".png"), num_classes=2)
         return f"{case.image.name} -> {case.case_id}"
 
@@ -26,10 +26,10 @@ module does everything else the same way for every dataset. The shape of a conve
         files = common.find_files(common.check_input_root(input_root, "the release folder"), (".png",))
         problems = common.Problems()
         cases = ...                                     # pair files, problems.add(path, "has no mask") ...
-        problems.raise_if_any()                         # every bad file at once, before anything is written
         return common.write_dataset(target, cases, convert_case, common.DatasetJson(
             channel_names={0: "US"}, labels={"background": 0, "lesion": 1}, file_ending=".png",
-            dataset_name=dataset_name), overwrite=overwrite, dry_run=dry_run, num_processes=num_processes)
+            dataset_name=dataset_name), overwrite=overwrite, dry_run=dry_run, num_processes=num_processes,
+            problems=problems)                          # every bad file at once, nothing written if any
 
     def main(argv=None) -> None:
         parser = common.converter_parser("nnunet_ext_convert_mine", "Convert Mine.", default_name="Mine")
@@ -433,7 +433,7 @@ def geometry_fix(volume: Header, label: Header) -> GeometryFix:
 
 
 def _fmt(values: Sequence[float]) -> str:
-    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+    return "(" + ", ".join(f"{v + 0.0:g}" for v in values) + ")"  # + 0.0: no "-0"
 
 
 def _reorientation_problem(volume: Header, label: Header, dv: np.ndarray, dl: np.ndarray) -> str | None:
@@ -455,8 +455,9 @@ def _reorientation_problem(volume: Header, label: Header, dv: np.ndarray, dl: np
     inside = (label_index > -tolerance).all() and (label_index < np.asarray(label.size)[:, None] - 1 + tolerance).all()
     if not (np.allclose(label_index, np.round(label_index), atol=tolerance) and inside):
         shift = np.abs(label_index - np.clip(np.round(label_index), 0, np.asarray(label.size)[:, None] - 1)).max()
-        return (f"after reordering the axes the grids are offset (by up to {shift:.3g} voxels; the origins "
-                f"{_fmt(label.origin)} and {_fmt(volume.origin)} do not describe the same voxels)")
+        return (f"after reordering the axes its voxels do not coincide with the volume's (a volume corner lies "
+                f"{shift:.3g} voxels off the label grid): the direction was changed in the header alone, or the "
+                f"origin does not match the flipped axis")
     return None
 
 
@@ -785,10 +786,11 @@ def run_cases(function: Callable[[Any, Path | None], str], cases: Sequence[Any],
 
 
 def convert_cases(function: Callable[[Any, Path | None], str], cases: Sequence[Any], folder: Path | None,
-                  num_processes: int = 1) -> None:
+                  num_processes: int = 1, problems: Problems | None = None) -> None:
     """Run every case, print ``[k/N] note`` per case on stdout (a tqdm bar on stderr when it is a terminal),
-    collect the input problems of all cases and raise them together at the end; a write failure aborts."""
-    problems = Problems()
+    collect the input problems of all cases (after those already in ``problems``) and raise them together at
+    the end; a write failure aborts."""
+    problems = problems if problems is not None else Problems()
     with tqdm(total=len(cases), unit="case", disable=None, file=sys.stderr, leave=False) as bar:
         for k, (ok, note) in enumerate(run_cases(function, cases, folder, num_processes), start=1):
             if ok:
@@ -802,7 +804,7 @@ def convert_cases(function: Callable[[Any, Path | None], str], cases: Sequence[A
 
 def write_dataset(target: Path, cases: Sequence[Any], convert_case: Callable[[Any, Path | None], str],
                   dataset_json: DatasetJson, splits: Sequence[dict] | None = None, overwrite: bool = False,
-                  dry_run: bool = False, num_processes: int = 1) -> Path:
+                  dry_run: bool = False, num_processes: int = 1, problems: Problems | None = None) -> Path:
     """Convert ``cases`` (objects with ``.case_id`` and ``.test``) into ``target`` atomically and return it.
 
     ``convert_case(case, folder)`` reads and checks one case completely and writes its files into ``folder``
@@ -810,9 +812,15 @@ def write_dataset(target: Path, cases: Sequence[Any], convert_case: Callable[[An
     when ``num_processes > 1`` (so it must be a module-level function). Input problems of all cases are
     reported together and nothing is published; then ``dataset.json`` and, if given, ``splits_final.json``
     are written and the folder is renamed into place. A dry run prints what would be written instead.
+
+    ``problems`` (optional) holds what the converter's own validation found (pairing, headers): if it is not
+    empty, the remaining ``cases`` are only checked and everything is reported together, so that one run names
+    every bad file.
     """
     if num_processes < 1:
         raise ConversionError(f"the number of processes must be at least 1, got {num_processes}")
+    if problems is not None and len(problems):
+        convert_cases(convert_case, cases, None, num_processes, problems)  # adds the cases' problems and raises
     if not cases:
         raise ConversionError("no cases to convert")
     training = [c.case_id for c in cases if not c.test]

@@ -31,11 +31,12 @@ Quirks handled:
 * A truncated ``.nii``/``.nii.gz`` and NaN/inf voxels in a volume are errors naming the file
   (``--nan-to VALUE`` replaces non-finite volume voxels instead).
 
-Headers, pairing and duplicates are checked before anything is written and all problems are
-reported together; voxel content is checked case by case while converting into a hidden
-temporary sibling folder, which is renamed into place only when every case is good (the
-problems of all cases are reported together), so a failed or interrupted run leaves no partial
-dataset and an existing one untouched (see :mod:`nnunet_ext.dataset_conversion.common`).
+Pairing, duplicates and headers are checked first; if anything is wrong, the voxels of the
+remaining cases are still read and checked (nothing written) and every problem is reported in
+one error. Otherwise voxel content is checked case by case while converting into a hidden
+temporary sibling folder, which is renamed into place only when every case is good, so a failed
+or interrupted run leaves no partial dataset and an existing one untouched (see
+:mod:`nnunet_ext.dataset_conversion.common`).
 
 Alternative route: the Medical Segmentation Decathlon ``Task03_Liver`` is a copy of the LiTS
 training set (``imagesTr/liver_0..130.nii.gz``, labels 0 background, 1 liver, 2 cancer). nnU-Net
@@ -115,9 +116,9 @@ def label_fix(volume: common.Header, label: common.Header) -> common.GeometryFix
     return common.geometry_fix(volume, label)
 
 
-def discover_cases(input_root: Path, nan_to: float | None = None) -> list[LiTSCase]:
-    """Find, pair and header-check every case under ``input_root``; all problems are raised together and
-    once all are good, each label header fix is announced as a :class:`common.ConversionWarning` naming the case."""
+def discover_cases(input_root: Path, nan_to: float | None = None) -> tuple[list[LiTSCase], common.Problems]:
+    """Find, pair and header-check every case under ``input_root``: the cases that passed and the problems found.
+    When there are none, each label header fix is announced as a :class:`common.ConversionWarning` naming the case."""
     files = common.find_files(common.check_input_root(input_root, "the folder holding 'Training Batch 1/2'"),
                               (".nii", ".nii.gz"))
     problems = common.Problems()
@@ -140,11 +141,10 @@ def discover_cases(input_root: Path, nan_to: float | None = None) -> list[LiTSCa
     for number in sorted(tests):
         if problems.check(tests[number], common.read_header, tests[number]) is not None:
             cases.append(LiTSCase(number, tests[number], nan_to=nan_to))
-    problems.raise_if_any()
-    for case in cases:
+    for case in cases if not len(problems) else []:
         if case.fix is not None and case.fix.action != "same":
             warnings.warn(f"{case.case_id}: {case.fix.reason}", common.ConversionWarning, stacklevel=2)
-    return cases
+    return cases, problems
 
 
 def convert_case(case: LiTSCase, folder: Path | None) -> str:
@@ -170,10 +170,10 @@ def convert_lits(input_root: Path, dataset_id: int, output_folder: Path, dataset
     per label whose geometry is replaced or reoriented.
     """
     target = common.check_target(output_folder, dataset_id, dataset_name, overwrite, dry_run)
-    cases = discover_cases(Path(input_root), nan_to)
+    cases, problems = discover_cases(Path(input_root), nan_to)
     return common.write_dataset(target, cases, convert_case, common.DatasetJson(dataset_name=dataset_name,
                                                                                 **DATASET_JSON),
-                                overwrite=overwrite, dry_run=dry_run, num_processes=num_processes)
+                                overwrite=overwrite, dry_run=dry_run, num_processes=num_processes, problems=problems)
 
 
 def main(argv: list[str] | None = None) -> None:

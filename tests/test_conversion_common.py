@@ -261,7 +261,7 @@ def test_real_disagreements_are_refused_with_the_reason() -> None:
     header_only.CopyInformation(volume)
     header_only.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
     with pytest.raises(common.ConversionError, match=r"direction mismatch: s has .* cannot be mapped exactly .* "
-                                                     r"grids are offset"):
+                                                     r"voxels do not coincide"):
         common.geometry_fix(header(volume, "v"), header(header_only, "s"))
     oblique = sitk.Image(label)
     c, s = np.cos(0.3), np.sin(0.3)

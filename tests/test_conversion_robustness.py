@@ -291,3 +291,31 @@ def test_progress_bar_on_a_terminal(work: Workspace) -> None:
     assert process.returncode == 0
     assert re.search(rb"\d+%\|.*\| \d+/10 \[", shown) and b"case/s" in shown
     assert stdout.splitlines()[0] == "[1/10] volume-0.nii -> lits_000"
+
+
+# ---------------------------------------------------------------------------------- all problems at once
+def test_every_bad_file_is_named_in_one_run(work: Workspace) -> None:
+    """Pairing and header problems (found first) and voxel problems of the other cases come in one error."""
+    truncated, nan, label_3 = work.source("volume", 2), work.source("volume", 1), work.source("segmentation", 9)
+    truncated.write_bytes(truncated.read_bytes()[:truncated.stat().st_size // 2])
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(nan))).astype(np.float32)
+    array[1, 1, 1] = np.nan
+    rewrite(nan, array)
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(label_3)))
+    array[2, 2, 2] = 3
+    rewrite(label_3, array)
+    flipped = work.source("segmentation", 10)
+    image = sitk.ReadImage(str(flipped))
+    image.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(image, str(flipped))
+    work.source("segmentation", 0).unlink()
+    result = work.convert()
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr[result.stderr.index("error: "):].strip().splitlines()
+    assert lines[0] == "error: 5 problems, nothing was written:"
+    expected = [(work.source("volume", 0), "has no segmentation-0"), (flipped, "direction mismatch"),
+                (nan, "non-finite voxels"), (truncated, "is truncated"), (label_3, "has label values [3]")]
+    assert len(lines) == 1 + len(expected)
+    for line, (path, reason) in zip(lines[1:], expected):
+        assert str(path) in line and reason in line, (line, path, reason)
+    assert snapshot(work.raw) == work.before
