@@ -14,8 +14,10 @@ Sec. III-C, Fig. 3) built from an nnU-Net plan, 2D or 3D by the plan's ``conv_op
   returns every head's logits, highest resolution first, one per nnU-Net deep-supervision level.
 - Widths, depth, kernel sizes and strides all come from the plan. The SCRM's windowed cross-attention uses
   windows of 8 pixels per axis in 2D and 4 in 3D (64 tokens each).
-- ``checkpoint_scrm``: recompute each SCRM in the backward pass instead of storing its internals
-  (``torch.utils.checkpoint``); identical results, bounded training memory (see the README's cost table).
+- ``checkpoint_scrm`` (default on): every SCRM stores only the inputs of its parts (Spatial Gate, Channel
+  Refinement, the two CCAPMs, SK fusion) and recomputes their internals in the backward pass
+  (``torch.utils.checkpoint``, ``SCRM.recompute``): identical values and gradients, a fraction of the
+  training memory for one more forward pass of the SCRMs (measured: README, SCRNet section).
 """
 import pydoc
 from typing import List, Optional, Sequence, Type, Union
@@ -24,7 +26,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
-from torch.utils.checkpoint import checkpoint
 
 from dynamic_network_architectures.building_blocks.helper import (convert_conv_op_to_dim, get_matching_convtransp,
                                                                   get_matching_pool_op)
@@ -62,7 +63,6 @@ class SCRNet(nn.Module):
         self.features_per_stage = list(features_per_stage)
         self.num_classes = num_classes
         self.deep_supervision = deep_supervision
-        self.checkpoint_scrm = checkpoint_scrm
         window_size = DEFAULT_WINDOW[dim] if window_size is None else window_size
         block = dict(conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs, dropout_op=None,
                      dropout_op_kwargs=None, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
@@ -75,7 +75,8 @@ class SCRNet(nn.Module):
             self.pools.append(pool_op(stride, stride) if any(v > 1 for v in stride) else nn.Identity())
             self.encoder_convs.append(StackedConvBlocks(n_conv_per_stage[s], conv_op, channels, width,
                                                         self.kernel_sizes[s], 1, **block))
-            self.scrms.append(SCRM(conv_op, width, self.kernel_sizes[s], norm_op, norm_op_kwargs, heads, window_size))
+            self.scrms.append(SCRM(conv_op, width, self.kernel_sizes[s], norm_op, norm_op_kwargs, heads, window_size,
+                                  recompute=checkpoint_scrm))
             channels = width
 
         transp_op = get_matching_convtransp(conv_op)
@@ -88,15 +89,10 @@ class SCRNet(nn.Module):
                                                         self.kernel_sizes[s - 1], 1, **block))
             self.heads.append(conv_op(width, num_classes, 1, bias=True))
 
-    def _scrm(self, stage: int, x: torch.Tensor) -> torch.Tensor:
-        if self.checkpoint_scrm and self.training and torch.is_grad_enabled():
-            return checkpoint(self.scrms[stage], x, use_reentrant=False)
-        return self.scrms[stage](x)
-
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         skips = []
         for s in range(len(self.scrms)):
-            x = self._scrm(s, self.encoder_convs[s](self.pools[s](x)))
+            x = self.scrms[s](self.encoder_convs[s](self.pools[s](x)))
             skips.append(x)
         outputs = []
         last = len(self.upsamples) - 1

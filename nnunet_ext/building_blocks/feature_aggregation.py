@@ -34,6 +34,7 @@ from dynamic_network_architectures.building_blocks.helper import convert_conv_op
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.conv import _ConvNd
+from torch.utils.checkpoint import checkpoint
 
 from nnunet_ext.building_blocks.scconv import ChannelRefinement, SpatialGate
 
@@ -181,18 +182,31 @@ class FeatureAggregationModule(nn.Module):
 
 
 class SCRM(nn.Module):
-    """Spatial-Channel Regulation Module: ``FAM(CR(SG(x)))``, ``C`` channels in and out."""
+    """Spatial-Channel Regulation Module: ``FAM(CR(SG(x)))``, ``C`` channels in and out.
+
+    ``recompute``: in training, store only the inputs of the Spatial Gate, the Channel Refinement, the two CCAPMs
+    and the SK fusion, and recompute their internals in the backward pass (``torch.utils.checkpoint``): the same
+    values and gradients, with at most one CCAPM's internals alive at a time.
+    """
 
     def __init__(self, conv_op: Type[_ConvNd], channels: int, kernel_size: KernelSize, norm_op: Type[nn.Module],
-                 norm_op_kwargs: Optional[dict] = None, heads: int = 4, window_size: int = 8):
+                 norm_op_kwargs: Optional[dict] = None, heads: int = 4, window_size: int = 8, recompute: bool = False):
         super().__init__()
         self.spatial_gate = SpatialGate(channels)
         self.channel_refinement = ChannelRefinement(conv_op, channels, kernel_size)
         self.fam = FeatureAggregationModule(conv_op, channels, kernel_size, norm_op, norm_op_kwargs, heads,
                                             window_size)
+        self.recompute = recompute
+
+    def _run(self, module: nn.Module, *inputs: torch.Tensor):
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return checkpoint(module, *inputs, use_reentrant=False)
+        return module(*inputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fam(*self.channel_refinement(self.spatial_gate(x)))
+        x_h, x_l = self._run(self.channel_refinement, self._run(self.spatial_gate, x))
+        fam = self.fam
+        return self._run(fam.fuse, self._run(fam.ccapm_high, x_h, x_l), self._run(fam.ccapm_low, x_l, x_h))
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         """Elements of the conv, norm and attention outputs for an input of spatial size ``input_size``
