@@ -865,6 +865,14 @@ def converter_parser(prog: str, description: str, default_name: str,
     return parser
 
 
+def add_nan_option(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--nan-to VALUE`` (``args.nan_to``, default None) for converters of float images: pass it to
+    :func:`read_image` to replace NaN/inf voxels instead of refusing them."""
+    parser.add_argument("--nan-to", type=float, default=None,
+                        help="replace NaN/inf voxels of the images by this value (default: refuse them)")
+    return parser
+
+
 def parse_converter_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse; ``output_folder`` defaults to ``$nnUNet_raw`` (neither: a usage error, exit 2)."""
     args = parser.parse_args(argv)

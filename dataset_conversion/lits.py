@@ -178,11 +178,9 @@ def convert_lits(input_root: Path, dataset_id: int, output_folder: Path, dataset
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point ``nnunet_ext_convert_lits``; exits 1 with ``error: ...`` on bad input."""
-    parser = common.converter_parser("nnunet_ext_convert_lits", "Convert LiTS to an nnU-Net v2 raw dataset.",
-                                     default_name="LiTS",
-                                     input_help="folder holding 'Training Batch 1/2' and the test volumes")
-    parser.add_argument("--nan-to", type=float, default=None,
-                        help="replace NaN/inf voxels of the volumes by this value (default: refuse them)")
+    parser = common.add_nan_option(common.converter_parser(
+        "nnunet_ext_convert_lits", "Convert LiTS to an nnU-Net v2 raw dataset.", default_name="LiTS",
+        input_help="folder holding 'Training Batch 1/2' and the test volumes"))
     common.run_converter_cli(parser, argv, lambda a: convert_lits(
         a.input_root, a.dataset_id, a.output_folder, a.dataset_name, a.overwrite, a.num_processes, a.dry_run,
         a.nan_to))
