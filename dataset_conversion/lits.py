@@ -61,7 +61,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from nnunet_ext.dataset_conversion import common
 
 LABELS = {"background": 0, "liver": 1, "tumor": 2}
@@ -141,9 +140,10 @@ def discover_cases(input_root: Path, nan_to: float | None = None) -> tuple[list[
     for number in sorted(tests):
         if problems.check(tests[number], common.read_header, tests[number]) is not None:
             cases.append(LiTSCase(number, tests[number], nan_to=nan_to))
-    for case in cases if not len(problems) else []:
-        if case.fix is not None and case.fix.action != "same":
-            warnings.warn(f"{case.case_id}: {case.fix.reason}", common.ConversionWarning, stacklevel=2)
+    if not len(problems):
+        for case in cases:
+            if case.fix is not None and case.fix.action != "same":
+                warnings.warn(f"{case.case_id}: {case.fix.reason}", common.ConversionWarning, stacklevel=2)
     return cases, problems
 
 
