@@ -19,6 +19,7 @@ METHOD_MODULES = (
     "nnunet_ext.training.dpcnet",
     "nnunet_ext.training.godc_lfam",
     "nnunet_ext.training.scrnet",
+    "nnunet_ext.training.spa_dcn_net",
 )
 
 
