@@ -132,8 +132,11 @@ def test_bad_input_names_the_cases_and_writes_nothing(demo_files, tmp_path):
     f = demo_files
     pred = tmp_path / "pred"
     shutil.copytree(f["pred"], pred, ignore=shutil.ignore_patterns("*.json"))
+    # one more case, predicted perfectly, so that one stays good when two are spoilt below
+    extra = next(p for p in sorted(f["gt"].iterdir()) if not (pred / p.name).exists())
+    shutil.copy(extra, pred / extra.name)
     cases = sorted(p.name for p in pred.iterdir())
-    assert len(cases) >= 2
+    assert len(cases) >= 3
     output = tmp_path / "out" / "summary.json"
     args = (f["env"], f["gt"], pred, f["dataset_json"], f["plans"], output)
 
