@@ -5,7 +5,9 @@ README's trainer table lists it. Per trainer x configuration (2d, 3d_fullres, wh
 dimension) x architecture (plain and residual-encoder plans): the trainer builds its network and loss from the plan
 as nnU-Net does; one training step with nnU-Net's DDP deep-supervision weights (lowest level 1e-6) gives every
 parameter a finite gradient; with deep supervision off (nnU-Net's switch) the network returns one tensor of the
-patch size with one channel per segmentation head.
+patch size with one channel per segmentation head. Trainers that build the same network and loss (they differ only
+in optimiser, schedule or loss-weight schedule; ``step_signature``) share one step: the others are checked to build
+exactly that network and loss.
 """
 import pickle
 import re
@@ -73,6 +75,19 @@ def test_readme_trainer_table_lists_it(name):
     assert any(re.search(rf"`{re.escape(name)}`", row) for row in rows), f"README's trainer table lacks {name}"
 
 
+def step_signature(cls) -> tuple:
+    """What decides a training step: trainers that differ only in their optimiser, schedule, mirroring or loss-weight
+    schedule (e.g. DLKUNet's 27 generated variants of 3 networks) build the same network and loss."""
+    return (cls.build_network_architecture.__func__, getattr(cls, "network_factory", None),
+            tuple(sorted(getattr(cls, "network_kwargs", {}).items())), getattr(cls, "dice_class", None),
+            getattr(cls, "weight_dice", 1.0), getattr(cls, "weight_ce", 1.0), getattr(cls, "batch_dice", None),
+            getattr(cls, "output_levels", None), cls._build_loss, cls._get_deep_supervision_scales,
+            getattr(cls, "ce_loss_kwargs", None))
+
+
+STEPPED = {}  # (step signature, configuration, arch) -> (parameter shapes, loss type) of a trainer already stepped
+
+
 @pytest.mark.parametrize("name,configuration,arch", sweep())
 def test_training_step_and_inference_output(name, configuration, arch):
     torch.manual_seed(0)
@@ -80,6 +95,11 @@ def test_training_step_and_inference_output(name, configuration, arch):
     assert trainer.my_init_kwargs["configuration"] == configuration  # nnU-Net recorded the init arguments
     trainer.lowest_level_weight = 1e-6  # nnU-Net's weighting under DDP: every output contributes
     loss = trainer._build_loss()
+    shapes = {n: tuple(p.shape) for n, p in trainer.network.named_parameters()}
+    key = (step_signature(TRAINERS[name]), configuration, arch)
+    if key in STEPPED:  # the same network and loss as a trainer whose step was checked: same computation
+        assert STEPPED[key] == (shapes, type(loss))
+        return
     patch = trainer.configuration_manager.patch_size
     value = loss(trainer.network(torch.randn(2, 1, *patch)), deep_supervision_targets(trainer, 2))
     value.backward()
@@ -94,6 +114,7 @@ def test_training_step_and_inference_output(name, configuration, arch):
         output = trainer.network(torch.randn(1, 1, *patch))
     assert isinstance(output, torch.Tensor)
     assert tuple(output.shape) == (1, trainer.label_manager.num_segmentation_heads, *patch)
+    STEPPED[key] = (shapes, type(loss))
 
 
 class _Only2D(nnUNetExtTrainer):

@@ -38,9 +38,11 @@ def wheel_venv(tmp_path_factory) -> Path:
     venv = work / "venv"
     run(sys.executable, "-m", "venv", venv)
     python = venv / "bin" / "python"
+    # first the two packages (pip would take nnU-Net as installed once the parent's packages are visible) ...
+    run(python, "-m", "pip", "install", "-q", "--no-deps", wheel, f"nnunetv2=={version('nnunetv2')}")
+    # ... then the parent environment's packages (torch, ...) behind the fresh environment's own
     site_packages = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip())
     (site_packages / "parent_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    run(python, "-m", "pip", "install", "-q", "--no-deps", wheel, f"nnunetv2=={version('nnunetv2')}")
     return venv
 
 
