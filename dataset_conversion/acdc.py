@@ -226,7 +226,7 @@ def convert_acdc(input_root: Path, dataset_id: int, output_folder: Path, dataset
                  num_processes: int = 1) -> Path:
     """Validate the ACDC ``database`` folder, then convert it with nnU-Net's functions into
     ``output_folder/Dataset{id:03d}_{name}`` atomically (with ``splits_final.json``); returns the folder."""
-    target = common.check_target(output_folder, dataset_id, dataset_name, overwrite)
+    target = common.check_target(output_folder, dataset_id, dataset_name, overwrite, dry_run)
     database = common.check_input_root(input_root, f"the {DATABASE} folder (holding {TRAINING}/ and {TESTING}/)")
     if not (database / TRAINING).is_dir() and (database / DATABASE / TRAINING).is_dir():
         database = database / DATABASE

@@ -165,7 +165,7 @@ def convert_busi(input_root: Path, dataset_id: int, output_folder: Path, dataset
     """Convert the BUSI release at ``input_root`` (the ``Dataset_BUSI_with_GT`` folder); return the dataset folder."""
     if mask_threshold is not None and not 0 <= mask_threshold < 255:
         raise common.ConversionError(f"--mask-threshold must be in 0..254, got {mask_threshold}")
-    target = common.check_target(output_folder, dataset_id, dataset_name, overwrite)
+    target = common.check_target(output_folder, dataset_id, dataset_name, overwrite, dry_run)
     root = common.check_input_root(input_root, f"the {ROOT_FOLDER} folder")
     categories = CATEGORIES if include_normal else LESION_CATEGORIES
     problems = common.Problems()

@@ -147,7 +147,7 @@ def convert_busis(input_root: Path, dataset_id: int, output_folder: Path, datase
                   rgb: bool = False, overwrite: bool = False, dry_run: bool = False, num_processes: int = 1) -> Path:
     """Convert the BUSIS images and masks under ``input_root``; return the dataset folder."""
     mask_stem(rule, "x")
-    target = common.check_target(output_folder, dataset_id, dataset_name, overwrite)
+    target = common.check_target(output_folder, dataset_id, dataset_name, overwrite, dry_run)
     root = common.check_input_root(input_root, "the folder holding the BUSIS image and mask folders")
     problems = common.Problems()
     images_folder = problems.check(root / images, folder_under, root, images, "image")

@@ -204,7 +204,7 @@ def convert_kidneyus(input_root: Path, dataset_id: int, output_folder: Path, dat
         raise common.ConversionError(f"task must be one of {sorted(TASK_LABELS)}, got {task!r}")
     if annotator not in ANNOTATORS:
         raise common.ConversionError(f"annotator must be 1 or 2, got {annotator}")
-    target = common.check_target(output_folder, dataset_id, dataset_name, overwrite)
+    target = common.check_target(output_folder, dataset_id, dataset_name, overwrite, dry_run)
     root = common.check_input_root(input_root, "the kidneyUS folder (images and labels/)")
     problems = common.Problems()
     masks = find_masks(mask_folder(root, annotator, task), problems)

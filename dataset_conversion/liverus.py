@@ -200,7 +200,7 @@ def convert_liverus(input_root: Path, dataset_id: int, output_folder: Path, data
     if bad:
         raise common.ConversionError(f"--liver-in-outline takes CLASS/N with CLASS one of {', '.join(CLASSES)}, "
                                      f"got {bad}")
-    target = common.check_target(output_folder, dataset_id, dataset_name, overwrite)
+    target = common.check_target(output_folder, dataset_id, dataset_name, overwrite, dry_run)
     root = common.check_input_root(input_root, "the folder holding Benign/, Malignant/ and Normal/")
     problems, notes = common.Problems(), []
     cases = []

@@ -213,7 +213,7 @@ def convert_synapse(input_root: Path, dataset_id: int, output_folder: Path, data
     if split not in ("transunet", "none"):
         raise common.ConversionError(f"--split must be 'transunet' or 'none', got {split!r}")
     labels = task_labels(organs)
-    target = common.check_target(output_folder, dataset_id, dataset_name, overwrite)
+    target = common.check_target(output_folder, dataset_id, dataset_name, overwrite, dry_run)
     problems = common.Problems()
     cases = discover_cases(Path(input_root), organs, problems)
     splits = transunet_splits(cases, problems) if split == "transunet" else None

@@ -171,7 +171,7 @@ def convert_case(case: TN3KCase, folder: Path | None) -> str:
 def convert_tn3k(input_root: Path, dataset_id: int, output_folder: Path, dataset_name: str = "TN3K",
                  rgb: bool = False, overwrite: bool = False, dry_run: bool = False, num_processes: int = 1) -> Path:
     """Convert the TN3K release at ``input_root`` (the ``tn3k`` folder); return the dataset folder."""
-    target = common.check_target(output_folder, dataset_id, dataset_name, overwrite)
+    target = common.check_target(output_folder, dataset_id, dataset_name, overwrite, dry_run)
     root = common.check_input_root(input_root, f"the {ROOT_FOLDER} folder")
     problems = common.Problems()
     trainval = discover_subset(root, TRAINVAL_IMAGES, TRAINVAL_MASKS, False, rgb, problems)

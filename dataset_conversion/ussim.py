@@ -253,7 +253,7 @@ def convert_ussim(input_root: Path, dataset_id: int, output_folder: Path, datase
         raise common.ConversionError(f"task must be one of {list(TASKS)}, got {task!r}")
     if not tolerance >= 0:
         raise common.ConversionError(f"--tolerance must be a non-negative RGB distance, got {tolerance}")
-    target = common.check_target(output_folder, dataset_id, dataset_name, overwrite)
+    target = common.check_target(output_folder, dataset_id, dataset_name, overwrite, dry_run)
     root = common.check_input_root(input_root, "the folder of the Kaggle release (abdominal_US)")
     problems = common.Problems()
     cases = discover(find_subset(root, subset), subset, task, tolerance, rgb, problems)
