@@ -20,12 +20,12 @@ import argparse
 import copy
 import json
 import math
+import os
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
 
-from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -66,7 +66,7 @@ def write_spa_dcn_net_plans(dataset: str, configuration: str = "2d", source_plan
                             plans_name: str = DEFAULT_PLANS_NAME, preprocessed: Optional[str] = None) -> Path:
     """Read ``<preprocessed>/<dataset>/<source_plans>.json``, write ``<plans_name>.json`` next to it (returned)."""
     if preprocessed is None:
-        preprocessed = nnUNet_preprocessed
+        preprocessed = os.environ.get("nnUNet_preprocessed")
     if preprocessed is None:
         raise RuntimeError("nnUNet_preprocessed is not set: export the nnU-Net folder variables first")
     if plans_name == source_plans:
