@@ -1,6 +1,6 @@
 """``nnunet_ext_compare`` end to end: the demo's two quick trainers (trained once per session by the fixtures) are
 predicted, evaluated, costed and reported; an interrupted comparison resumes without retraining or repeating
-finished steps. A 2D run trains a trainer itself through ``nnUNetv2_train``."""
+finished steps. A 2D run trains a trainer itself through ``nnUNetv2_train`` and scores the test set."""
 import json
 import os
 import signal
@@ -97,17 +97,23 @@ def test_compare_two_quick_trainers_resumes_after_interruption(demo_run, plain_c
     assert {p: p.stat().st_mtime_ns for p in (output / "logs").iterdir()} == logs
 
 
-def test_compare_trains_a_2d_trainer_with_nnunet(planned_dataset, tmp_path):
-    busi = planned_dataset("busi")
+def test_compare_trains_a_2d_trainer_and_scores_the_test_set(planned_dataset, tmp_path):
+    """TN3K (2D PNG, test labels in labelsTs): the comparison trains with nnUNetv2_train and predicts imagesTs."""
+    tn3k = planned_dataset("tn3k")
     output = tmp_path / "comparison"
-    stdout = run(compare_command(busi.dataset_id, "2d", output, "nnUNetTrainer_quick", extra=("--no-cost",)),
-                 busi.env)
+    stdout = run(compare_command(tn3k.dataset_id, "2d", output, "nnUNetTrainer_quick",
+                                 extra=("--no-cost", "--test-set")), tn3k.env)
     assert "nnUNetTrainer_quick fold 0: training" in stdout
-    assert (busi.model_folder("nnUNetTrainer_quick") / "fold_0" / "checkpoint_final.pth").is_file()
+    assert (tn3k.model_folder("nnUNetTrainer_quick") / "fold_0" / "checkpoint_final.pth").is_file()
     assert (output / "logs" / "train_nnUNetTrainer_quick_fold_0.log").is_file()
+    test_labels = sorted(p.name for p in (tn3k.raw / "labelsTs").iterdir())
+    predictions = output / "predictions" / "nnUNetTrainer_quick" / "fold_0"
+    assert sorted(p.name for p in predictions.glob("*.png")) == test_labels and test_labels
     report = json.loads((output / "report.json").read_text())
     assert report["cost"] is None and report["figures"] == ["metrics.png"]
-    assert set(report["accuracy"]["nnUNetTrainer_quick"]) == {"1"}
+    assert report["settings"]["cases"] == "test (labelsTs)"
+    dice = report["accuracy"]["nnUNetTrainer_quick"]["1"]["Dice"]
+    assert set(report["accuracy"]["nnUNetTrainer_quick"]) == {"1"} and dice["n"] + dice["nan"] == len(test_labels)
     check_png(output / "metrics.png")
     assert "Not measured" in (output / "report.md").read_text()
 
