@@ -150,13 +150,17 @@ def backends(repeats: int = 3) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--iterations", type=int, default=250)
+    parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n_train", type=int, default=96)
-    parser.add_argument("--n_test", type=int, default=32)
+    parser.add_argument("--n_train", type=int, default=64)
+    parser.add_argument("--n_test", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 avoids oversubscription on a shared machine)")
     parser.add_argument("--backends", action="store_true", help="only time the DCN backends")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.backends:
         backends()
     else:
