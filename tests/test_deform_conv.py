@@ -33,8 +33,11 @@ CASES = {
 
 def _out_size(in_size, k, s, p, d):
     n = len(in_size)
-    t = lambda v: (v,) * n if isinstance(v, int) else tuple(v)
-    return tuple((i + 2 * pp - dd * (kk - 1) - 1) // ss + 1 for i, kk, ss, pp, dd in zip(in_size, t(k), t(s), t(p), t(d)))
+
+    def t(v):
+        return (v,) * n if isinstance(v, int) else tuple(v)
+    return tuple((i + 2 * pp - dd * (kk - 1) - 1) // ss + 1
+                 for i, kk, ss, pp, dd in zip(in_size, t(k), t(s), t(p), t(d)))
 
 
 @pytest.mark.parametrize("dim,case", [(d, c) for d in (2, 3) for c in CASES[d]])
@@ -207,7 +210,8 @@ def test_gradcheck_3d():
     K = 4
     off = _random_fractional_offsets((1, 3 * 2 * K, *out_size), gen=gen).requires_grad_()
     mask = (torch.rand(1, 2 * K, *out_size, dtype=torch.float64, generator=gen) + 0.1).requires_grad_()
-    fn = lambda x_, o_, w_, b_, m_: deform_conv_nd(x_, o_, w_, b_, 1, pad, 1, m_)
+    def fn(x_, o_, w_, b_, m_):
+        return deform_conv_nd(x_, o_, w_, b_, 1, pad, 1, m_)
     assert torch.autograd.gradcheck(fn, (x, off, w, b, mask), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 

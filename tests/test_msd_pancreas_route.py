@@ -64,7 +64,8 @@ def test_nnunet_msd_converter_handles_task07_pancreas(tmp_path):
         [f"pancreas_{i:03d}_0000.nii.gz" for i in TRAINING_IDS]  # no ._ files
     assert sorted(p.name for p in (dataset / "labelsTr").iterdir()) == \
         [f"pancreas_{i:03d}.nii.gz" for i in TRAINING_IDS]
-    assert sorted(p.name for p in (dataset / "imagesTs").iterdir()) == [f"pancreas_{i:03d}_0000.nii.gz" for i in TEST_IDS]
+    assert sorted(p.name for p in (dataset / "imagesTs").iterdir()) == \
+        [f"pancreas_{i:03d}_0000.nii.gz" for i in TEST_IDS]
     dataset_json = json.loads((dataset / "dataset.json").read_text())
     assert dataset_json["labels"] == {"background": 0, "pancreas": 1, "cancer": 2}
     assert dataset_json["channel_names"] == {"0": "CT"} and dataset_json["file_ending"] == ".nii.gz"

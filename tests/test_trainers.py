@@ -16,7 +16,8 @@ from nnunet_ext.training import dpcnet, godc_lfam
 DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "tumor": 2},
                 "numTraining": 4, "file_ending": ".nii.gz"}
 CONFIGURATIONS = {
-    "2d": dict(patch=[32, 32], kernels=[[3, 3]] * 3, strides=[[1, 1], [2, 2], [2, 2]], ops=("Conv2d", "InstanceNorm2d")),
+    "2d": dict(patch=[32, 32], kernels=[[3, 3]] * 3, strides=[[1, 1], [2, 2], [2, 2]],
+               ops=("Conv2d", "InstanceNorm2d")),
     "3d_fullres": dict(patch=[8, 16, 16], kernels=[[1, 3, 3], [3, 3, 3], [3, 3, 3]],
                        strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2]], ops=("Conv3d", "InstanceNorm3d")),
 }
