@@ -15,7 +15,9 @@ transposed convolution and batch norm are the matching ops of ``dynamic_network_
   text's "3x3, stride 1" cannot double a resolution) -> zero-pad to the skip's size -> cat(skip, up)
   -> ``DLKBlock(2C -> C)``.
 
-In 3D every kernel is isotropic (5^3, 7^3 dilated, 3^3): the paper is 2D only.
+In 3D every kernel is isotropic (5^3, 7^3 dilated, 3^3): the paper is 2D only. The depthwise convolutions are
+``nnunet_ext.building_blocks.depthwise.depthwise_conv``: ``nn.Conv2d`` in 2D, and in 3D an ``nn.Conv3d`` that runs as
+2D depthwise convolutions over depth slices on the CPU (PyTorch's grouped 3D kernels are slow there).
 """
 from typing import Sequence, Type, Union
 
@@ -26,6 +28,8 @@ from dynamic_network_architectures.building_blocks.helper import get_matching_ba
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from nnunet_ext.building_blocks.depthwise import depthwise_conv
+
 IntOrSeq = Union[int, Sequence[int]]
 
 
@@ -34,7 +38,7 @@ class DepthwiseSeparableConv(nn.Module):
 
     def __init__(self, conv_op: Type[_ConvNd], in_channels: int, out_channels: int, kernel_size: int = 3):
         super().__init__()
-        self.depthwise = conv_op(in_channels, in_channels, kernel_size, padding=kernel_size // 2, groups=in_channels)
+        self.depthwise = depthwise_conv(conv_op, in_channels, kernel_size, padding=kernel_size // 2)
         self.pointwise = conv_op(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,8 +50,8 @@ class LKA(nn.Module):
 
     def __init__(self, conv_op: Type[_ConvNd], channels: int):
         super().__init__()
-        self.depthwise = conv_op(channels, channels, 5, padding=2, groups=channels)
-        self.depthwise_dilated = conv_op(channels, channels, 7, padding=9, dilation=3, groups=channels)
+        self.depthwise = depthwise_conv(conv_op, channels, 5, padding=2)
+        self.depthwise_dilated = depthwise_conv(conv_op, channels, 7, padding=9, dilation=3)
         self.pointwise = conv_op(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
