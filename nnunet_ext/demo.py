@@ -9,6 +9,8 @@ Steps, each a real command run in its own process (its output goes to ``<workdir
 5. ``nnUNetv2_predict`` (new process, no test-time augmentation) on fold 0's validation cases
    and on the test volumes,
 6. ``nnUNetv2_evaluate_folder`` on the validation predictions,
+7. ``nnunet_ext_compare``'s comparison of the trained model against nnU-Net's network on the same plan (the papers'
+   metrics, the cost table, a Markdown report with plots; ``--no-compare`` skips it),
 
 then prints the Dice summary and where everything is. The demo sets ``nnUNet_raw``,
 ``nnUNet_preprocessed``, ``nnUNet_results`` and ``nnUNet_extTrainer`` for its own commands only,
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -42,11 +45,12 @@ class DemoStepError(RuntimeError):
 
 
 class Demo:
-    def __init__(self, workdir: Path, trainer: str, dataset_id: int, device: str):
+    def __init__(self, workdir: Path, trainer: str, dataset_id: int, device: str, compare: bool = True):
         self.workdir = workdir.resolve()
         self.trainer = trainer
         self.dataset_id = dataset_id
         self.device = device
+        self.compare = compare
         self.dataset = f"Dataset{dataset_id:03d}_{DATASET_NAME}"
         self.raw = self.workdir / "nnUNet_raw"
         self.preprocessed = self.workdir / "nnUNet_preprocessed"
@@ -117,10 +121,23 @@ class Demo:
                               "-pfile", self.model_folder / "plans.json", "-o", summary_file, "-np", 1,
                               "--chill"])
         summary = json.loads(summary_file.read_text())
-        self.report(summary, summary_file, time.perf_counter() - start)
+        report = self.comparison_report() if self.compare else None
+        self.report(summary, summary_file, time.perf_counter() - start, report)
         return summary
 
-    def report(self, summary: dict, summary_file: Path, seconds: float) -> None:
+    def comparison_report(self) -> Path:
+        """The papers' metrics and the cost of the trained model next to nnU-Net's network (``nnunet_ext_compare``;
+        it reuses the trained fold)."""
+        from nnunet_ext.evaluation.compare import run_comparison
+        print(f"[{self.step_count + 1}] comparison with nnU-Net's network -> {self.workdir / 'comparison'}", flush=True)
+        start = time.perf_counter()
+        report = run_comparison(self.dataset_id, CONFIGURATION, [self.trainer], [FOLD], self.workdir / "comparison",
+                                env=self.env, device=self.device, disable_tta=True, cost_repeats=1,
+                                log=lambda message: None)
+        print(f"    done in {time.perf_counter() - start:.0f} s", flush=True)
+        return report
+
+    def report(self, summary: dict, summary_file: Path, seconds: float, comparison: Optional[Path]) -> None:
         dice = {label: round(metrics["Dice"], 4) for label, metrics in summary["mean"].items()}
         print(f"\nDemo finished in {seconds:.0f} s with trainer {self.trainer} "
               f"({len(self.validation_cases())} validation cases, fold {FOLD}).")
@@ -130,6 +147,8 @@ class Demo:
         print(f"Trained model:          {self.model_folder / f'fold_{FOLD}'}")
         print(f"Validation predictions: {self.predictions / 'validation'}")
         print(f"Test predictions:       {self.predictions / 'test'}")
+        if comparison is not None:
+            print(f"Comparison report:      {comparison}")
         print(f"Step logs:              {self.logs}")
         print("Use this model from a shell with:")
         for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
@@ -144,6 +163,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dataset-id", type=int, default=DEFAULT_DATASET_ID, help=f"default: {DEFAULT_DATASET_ID}")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing work folder first")
+    parser.add_argument("--no-compare", dest="compare", action="store_false",
+                        help="skip the final comparison with nnU-Net's network (metrics, cost, report)")
     return parser.parse_args(argv)
 
 
@@ -154,6 +175,6 @@ def main(argv=None) -> None:
             sys.exit(f"error: {args.workdir} exists and is not empty; pass --overwrite to replace it")
         shutil.rmtree(args.workdir)
     try:
-        Demo(args.workdir, args.trainer, args.dataset_id, args.device).main()
+        Demo(args.workdir, args.trainer, args.dataset_id, args.device, args.compare).main()
     except DemoStepError as error:
         sys.exit(f"error: {error}")
