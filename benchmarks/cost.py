@@ -1,93 +1,36 @@
 """Cost of any registered trainers' networks against nnU-Net's default network on the same plan.
 
-    python -m benchmarks.cost nnUNetTrainerDPCNet nnUNetTrainerLFAM --dim 3 --patch 32 64 64 --batch 2
-    python -m benchmarks.cost nnUNetTrainerSCRNet --dim 2 --patch 256 256 --batch 4
+    python -m benchmarks.cost nnUNetTrainerDPCNet nnUNetTrainerLFAM --patch 32 64 64 --batch 2
+    python -m benchmarks.cost nnUNetTrainerSCRNet --patch 256 256 --batch 4
     python -m benchmarks.cost nnUNetTrainerDPCNet --plans nnUNetPlans.json --configuration 3d_fullres
 
 Every network is built by its trainer's ``build_network_architecture`` from one configuration: a plans file's, or
 nnU-Net's topology for ``--patch`` (``nnunet_ext.plans.presets``: strides and kernels by nnU-Net's
 ``get_pool_and_conv_props``, widths 32 * 2^i capped at 512 in 2D / 320 in 3D, ``--arch plain|resenc``).
 ``nnUNetTrainer`` (nnU-Net's default network) is always measured first and is the denominator of the ratios.
-Printed per network, each measured in a fresh process (``benchmarks.measure``): parameters, forward+backward FLOPs
-(convolutions and matmuls), median training-step time (forward + backward of the deep-supervision outputs with a
-stand-in loss), peak tensor memory and peak resident memory of one training step, and sliding-window throughput
-(batch-1 forwards without gradients, deep supervision off, as ``nnUNetv2_predict`` runs them).
+Printed per network, each measured in a fresh process by ``nnunet_ext.evaluation.cost`` (the measuring code of
+``nnunet_ext_compare``): parameters, forward+backward FLOPs (convolutions and matmuls), median training-step time
+(forward + backward of the deep-supervision outputs with a stand-in loss), peak tensor memory and peak resident memory
+of one training step, and sliding-window throughput (batch-1 forwards without gradients, deep supervision off, as
+``nnUNetv2_predict`` runs them).
 """
 from __future__ import annotations
 
 import argparse
 import json
-from typing import Dict, List
+from typing import Dict
 
 import torch
 
-from benchmarks.measure import (count_parameters, flops, fmt_bytes, make_inference_step, make_train_step,
-                                median_time, peak_memory, run_in_fresh_process, throughput)
-
-BASELINE = "nnUNetTrainer"
-ROWS = [("parameters", "parameters", lambda v: f"{v:,}"),
-        ("fwd+bwd GFLOPs", "flops", lambda v: f"{v / 1e9:.2f}"),
-        ("train step (median s)", "step_s", lambda v: f"{v:.3f}"),
-        ("peak tensor memory", "memory", fmt_bytes),
-        ("peak RSS, train step", "rss", fmt_bytes),
-        ("inference patches/s", "patches_per_s", lambda v: f"{v:.2f}")]
-
-
-def trainer_class(name: str):
-    if name == BASELINE:
-        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-        return nnUNetTrainer
-    from nnunet_ext.training.registry import get_trainer
-    return get_trainer(name)
-
-
-def build_network(trainer_name: str, plans: dict, configuration: str, input_channels: int, num_classes: int):
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    plans_manager = PlansManager(plans)
-    torch.manual_seed(0)
-    return trainer_class(trainer_name).build_network_architecture(
-        plans_manager, plans_manager.get_configuration(configuration), input_channels, num_classes, True)
-
-
-def set_deep_supervision(network: torch.nn.Module, enabled: bool) -> None:
-    decoder = getattr(network, "decoder", None)
-    if decoder is not None and hasattr(decoder, "deep_supervision"):
-        decoder.deep_supervision = enabled
-    else:
-        network.deep_supervision = enabled
-
-
-def measure_network(trainer_name: str, plans: dict, configuration: str, input_channels: int, num_classes: int,
-                    batch: int, device: str, repeats: int) -> dict:
-    """All numbers of one trainer's network (call it in a fresh process: ``run_in_fresh_process``)."""
-    model = build_network(trainer_name, plans, configuration, input_channels, num_classes).to(device)
-    patch = plans["configurations"][configuration]["patch_size"]
-    x = torch.randn(batch, input_channels, *patch, device=device)
-    train_step = make_train_step(model, x)
-    memory = peak_memory(train_step, device)
-    result = {"parameters": count_parameters(model), "flops": flops(train_step),
-              "step_s": median_time(train_step, repeats=repeats, device=device),
-              "memory": memory.bytes, "rss": memory.rss_bytes}
-    set_deep_supervision(model, False)
-    result["patches_per_s"] = throughput(make_inference_step(model, x[:1]), repeats=repeats, device=device)
-    return result
-
-
-def measure_trainers(trainer_names: List[str], plans: dict, configuration: str, input_channels: int = 1,
-                     num_classes: int = 2, batch: int = 2, device: str = "cpu", repeats: int = 3) -> Dict[str, dict]:
-    """``nnUNetTrainer`` and every trainer in ``trainer_names``, each in a fresh process, in one run."""
-    return {name: run_in_fresh_process(measure_network, name, plans, configuration, input_channels, num_classes,
-                                       batch, device, repeats)
-            for name in [BASELINE] + [n for n in trainer_names if n != BASELINE]}
+from nnunet_ext.evaluation.cost import BASELINE, COST_ROWS, measure_trainers
 
 
 def print_cost_table(results: Dict[str, dict]) -> None:
     """One column per network and its ratio to ``nnUNetTrainer``."""
     base = results[BASELINE]
     names = [n for n in results if n != BASELINE]
-    header = f"{'':24}{BASELINE:>16}" + "".join(f"{n:>32}{'ratio':>8}" for n in names)
-    print(header)
-    for label, key, fmt in ROWS:
+    print(f"{'':24}{BASELINE:>16}" + "".join(f"{n:>32}{'ratio':>8}" for n in names))
+    for label, key, fmt in COST_ROWS:
         if base[key] is None:
             continue
         cells = "".join(f"{fmt(results[n][key]):>32}{results[n][key] / base[key]:>8.2f}" for n in names)

@@ -22,7 +22,7 @@ import argparse
 
 import torch
 
-from benchmarks.measure import (count_parameters, flops, fmt_bytes, make_inference_step, make_train_step,
+from nnunet_ext.evaluation.measure import (count_parameters, flops, fmt_bytes, make_inference_step, make_train_step,
                                 median_wall_and_cpu_time, peak_memory, run_in_fresh_process)
 
 

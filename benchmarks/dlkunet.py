@@ -19,8 +19,9 @@ import argparse
 import torch
 from torch import nn
 
-from benchmarks.cost import measure_trainers, print_cost_table
-from benchmarks.measure import count_parameters, flops
+from benchmarks.cost import print_cost_table
+from nnunet_ext.evaluation.cost import measure_trainers
+from nnunet_ext.evaluation.measure import count_parameters, flops
 
 PAPER_TABLE_1 = {"S": (1.13e6, 15.95e9), "M": (4.49e6, 22.84e9), "L": (17.70e6, 29.64e9)}  # params, "FLOPs"
 TRAINERS = [f"nnUNetTrainerDLKUNet{variant}" for variant in PAPER_TABLE_1]

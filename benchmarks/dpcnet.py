@@ -20,7 +20,8 @@ import json
 
 import torch
 
-from benchmarks.cost import measure_trainers, print_cost_table
+from benchmarks.cost import print_cost_table
+from nnunet_ext.evaluation.cost import measure_trainers
 
 PAPER_PARAMETERS = {"PFE": 22.58e6, "SpaCor": 0.43e6, "SemCor": 0.09e6}
 DEFAULT_CONFIGURATION = {

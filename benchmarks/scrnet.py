@@ -20,8 +20,9 @@ import math
 
 import torch
 
-from benchmarks.cost import measure_trainers, print_cost_table, set_deep_supervision
-from benchmarks.measure import (count_parameters, flops, fmt_bytes, make_inference_step, make_train_step,
+from benchmarks.cost import print_cost_table
+from nnunet_ext.evaluation.cost import measure_trainers, set_deep_supervision
+from nnunet_ext.evaluation.measure import (count_parameters, flops, fmt_bytes, make_inference_step, make_train_step,
                                 median_time, peak_memory, run_in_fresh_process, throughput)
 
 TRAINER = "nnUNetTrainerSCRNet"

@@ -136,7 +136,7 @@ def robustness(iterations: int, batch: int, seed: int, n_train: int, n_test: int
 
 def backends(repeats: int = 3) -> None:
     """Training-step time of SPA-DCN-Net at 256x256, batch 4, with each DCN backend (this device)."""
-    from benchmarks.measure import make_train_step, median_wall_and_cpu_time
+    from nnunet_ext.evaluation.measure import make_train_step, median_wall_and_cpu_time
     from nnunet_ext.architectures.spa_dcn_net import SPADCNNet
     x = torch.randn(4, 1, 256, 256)
     print("| DCN backend | train step wall s | CPU s |")

@@ -1,5 +1,5 @@
 """Measuring helpers (parameters, step time, peak memory, throughput, FLOPs) for ``nnunet_ext_compare``'s cost table
-and the benchmarks (moved here from ``benchmarks/measure.py`` so that the installed package can measure).
+and the benchmarks (in the package, so that the installed `nnunet_ext_compare` can measure).
 
 API (all functions take plain callables, so they work for any network or op):
 
