@@ -11,6 +11,7 @@ from PIL import Image
 from nnunet_ext.dataset_conversion import busi
 from nnunet_ext.dataset_conversion.common import ConversionError
 from nnunet_ext.synthetic.ultrasound_breast_thyroid import make_synthetic_busi
+from tests.conversion_checks import refused
 
 DATASET = "Dataset521_BUSI"
 
@@ -169,10 +170,7 @@ def test_bad_input_is_refused_and_nothing_is_written(bad: str, release: dict, tm
     breaker(root)
     output = tmp_path / "raw"
     output.mkdir()
-    with pytest.raises(SystemExit) as exit_info:
-        busi.main([str(root), "-d", "521", "-o", str(output)])
-    assert exit_info.value.code == 1
-    error = capsys.readouterr().err
+    error = refused(busi.main, [root, "-d", "521", "-o", output], capsys)
     assert error.startswith("error: ") and re.search(message, error), error
     assert list(output.iterdir()) == []
 

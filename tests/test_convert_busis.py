@@ -11,6 +11,7 @@ from PIL import Image
 from nnunet_ext.dataset_conversion import busis
 from nnunet_ext.dataset_conversion.common import ConversionError
 from nnunet_ext.synthetic.ultrasound_breast_thyroid import BUSIS_ROOT, make_synthetic_busis
+from tests.conversion_checks import refused
 
 
 @pytest.fixture(scope="module")
@@ -128,10 +129,7 @@ def test_bad_input_is_refused_and_nothing_is_written(bad: str, release: dict, tm
     breaker(root)
     output = tmp_path / "raw"
     output.mkdir()
-    with pytest.raises(SystemExit) as exit_info:
-        busis.main([str(root), "-d", "522", "-o", str(output)])
-    assert exit_info.value.code == 1
-    error = capsys.readouterr().err
+    error = refused(busis.main, [root, "-d", "522", "-o", output], capsys)
     assert error.startswith("error: ") and re.search(message, error), error
     assert list(output.iterdir()) == []
 

@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 from nnunet_ext.dataset_conversion import kidneyus
 from nnunet_ext.dataset_conversion.common import ConversionError, ConversionWarning
 from nnunet_ext.synthetic.kidneyus import make_synthetic_kidneyus
+from tests.conversion_checks import files_of, refused
 
 DATASET = "Dataset531_KidneyUS"
 
@@ -219,10 +220,7 @@ def test_bad_input_is_refused_and_nothing_is_written(bad: str, release: dict, tm
     breaker(root)
     output = tmp_path / "raw"
     output.mkdir()
-    with pytest.raises(SystemExit) as exit_info:
-        kidneyus.main([str(root), "-d", "531", "-o", str(output)])
-    assert exit_info.value.code == 1
-    error = capsys.readouterr().err
+    error = refused(kidneyus.main, [root, "-d", "531", "-o", output], capsys)
     assert "error: " in error and re.search(message, error) and "Traceback" not in error, error
     assert all(line.startswith("WARNING: DICOM id") for line in error[:error.index("error: ")].splitlines())
     assert list(output.iterdir()) == []
@@ -255,12 +253,10 @@ def test_missing_masks_folder(release: dict, tmp_path: Path):
 def test_existing_dataset_is_kept_without_overwrite(release: dict, tmp_path: Path, capsys):
     kidneyus.main([str(release["root"]), "-d", "531", "-o", str(tmp_path)])
     folder = tmp_path / DATASET
-    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-    with pytest.raises(SystemExit) as exit_info:
-        kidneyus.main([str(release["root"]), "-d", "531", "-o", str(tmp_path), "--task", "regions"])
-    assert exit_info.value.code == 1
-    assert f"error: {folder} already exists; pass --overwrite" in capsys.readouterr().err
-    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    before = files_of(folder)
+    error = refused(kidneyus.main, [release["root"], "-d", "531", "-o", tmp_path, "--task", "regions"], capsys)
+    assert f"error: {folder} already exists; pass --overwrite" in error
+    assert files_of(folder) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [DATASET]  # no temporary sibling left
     kidneyus.main([str(release["root"]), "-d", "531", "-o", str(tmp_path), "--task", "regions", "--overwrite"])
     assert json.loads((folder / "dataset.json").read_text())["labels"]["cortex"] == 3

@@ -12,6 +12,7 @@ from PIL import Image
 from nnunet_ext.dataset_conversion import liverus
 from nnunet_ext.dataset_conversion.common import ConversionError, ConversionWarning
 from nnunet_ext.synthetic.liverus import make_synthetic_liverus
+from tests.conversion_checks import files_of, refused
 
 DATASET = "Dataset533_LiverUS"
 IGNORE_NOTES = "ignore::nnunet_ext.dataset_conversion.common.ConversionWarning"
@@ -183,10 +184,7 @@ def test_bad_input_is_refused_and_nothing_is_written(bad: str, release: dict, tm
     breaker(root)
     output = tmp_path / "raw"
     output.mkdir()
-    with pytest.raises(SystemExit) as exit_info:
-        liverus.main([str(root), "-d", "533", "-o", str(output)])
-    assert exit_info.value.code == 1
-    error = capsys.readouterr().err
+    error = refused(liverus.main, [root, "-d", "533", "-o", output], capsys)
     assert "error: " in error and re.search(message, error) and "Traceback" not in error, error
     assert all(line.startswith("WARNING: ") for line in error[:error.index("error: ")].splitlines())
     assert list(output.iterdir()) == []
@@ -206,12 +204,10 @@ def test_all_problems_are_reported_together(release: dict, tmp_path: Path):
 def test_existing_dataset_is_kept_without_overwrite(release: dict, tmp_path: Path, capsys):
     liverus.main([str(release["root"]), "-d", "533", "-o", str(tmp_path)])
     folder = tmp_path / DATASET
-    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-    with pytest.raises(SystemExit) as exit_info:
-        liverus.main([str(release["root"]), "-d", "533", "-o", str(tmp_path), "--task", "liver_mass"])
-    assert exit_info.value.code == 1
-    assert f"error: {folder} already exists; pass --overwrite" in capsys.readouterr().err
-    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    before = files_of(folder)
+    error = refused(liverus.main, [release["root"], "-d", "533", "-o", tmp_path, "--task", "liver_mass"], capsys)
+    assert f"error: {folder} already exists; pass --overwrite" in error
+    assert files_of(folder) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [DATASET]
     liverus.main([str(release["root"]), "-d", "533", "-o", str(tmp_path), "--task", "liver_mass", "--overwrite"])
     assert json.loads((folder / "dataset.json").read_text())["labels"]["mass"] == 2

@@ -15,6 +15,7 @@ from PIL import Image
 from nnunet_ext.dataset_conversion import tn3k
 from nnunet_ext.dataset_conversion.common import ConversionError
 from nnunet_ext.synthetic.ultrasound_breast_thyroid import make_synthetic_tn3k
+from tests.conversion_checks import refused
 
 
 @pytest.fixture(scope="module")
@@ -163,10 +164,7 @@ def test_bad_input_is_refused_and_nothing_is_written(bad: str, release: dict, tm
     breaker(root)
     output = tmp_path / "raw"
     output.mkdir()
-    with pytest.raises(SystemExit) as exit_info:
-        tn3k.main([str(root), "-d", "523", "-o", str(output)])
-    assert exit_info.value.code == 1
-    error = capsys.readouterr().err
+    error = refused(tn3k.main, [root, "-d", "523", "-o", output], capsys)
     assert error.startswith("error: ") and re.search(message, error), error
     assert list(output.iterdir()) == []
 

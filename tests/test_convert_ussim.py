@@ -16,6 +16,7 @@ from PIL import Image
 from nnunet_ext.dataset_conversion import ussim
 from nnunet_ext.dataset_conversion.common import ConversionError
 from nnunet_ext.synthetic.ussim import make_synthetic_ussim
+from tests.conversion_checks import files_of, refused
 
 DATASET = "Dataset532_USSim"
 LIVER, KIDNEY, PANCREAS, VESSELS, ADRENALS = 1, 2, 3, 4, 5  # organ task labels (1 + index in ORGAN_COLOURS)
@@ -204,10 +205,7 @@ def test_bad_input_is_refused_and_nothing_is_written(bad: str, release: dict, tm
     breaker(aus)
     output = tmp_path / "raw"
     output.mkdir()
-    with pytest.raises(SystemExit) as exit_info:
-        ussim.main([str(tmp_path / "copy"), "-d", "532", "-o", str(output), "--task", "organs"])
-    assert exit_info.value.code == 1
-    error = capsys.readouterr().err
+    error = refused(ussim.main, [tmp_path / "copy", "-d", "532", "-o", output, "--task", "organs"], capsys)
     assert error.startswith("error: ") and re.search(message, error) and "Traceback" not in error, error
     assert list(output.iterdir()) == []
 
@@ -253,12 +251,10 @@ def test_all_problems_are_reported_together(release: dict, tmp_path: Path):
 def test_existing_dataset_is_kept_without_overwrite(release: dict, tmp_path: Path, capsys):
     ussim.main([str(release["root"]), "-d", "532", "-o", str(tmp_path)])
     folder = tmp_path / DATASET
-    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-    with pytest.raises(SystemExit) as exit_info:
-        ussim.main([str(release["root"]), "-d", "532", "-o", str(tmp_path), "--task", "organs"])
-    assert exit_info.value.code == 1
-    assert f"error: {folder} already exists; pass --overwrite" in capsys.readouterr().err
-    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    before = files_of(folder)
+    error = refused(ussim.main, [release["root"], "-d", "532", "-o", tmp_path, "--task", "organs"], capsys)
+    assert f"error: {folder} already exists; pass --overwrite" in error
+    assert files_of(folder) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [DATASET]
     ussim.main([str(release["root"]), "-d", "532", "-o", str(tmp_path), "--task", "organs", "--overwrite"])
     assert json.loads((folder / "dataset.json").read_text())["labels"]["spleen"] == 8
