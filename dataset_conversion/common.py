@@ -739,6 +739,7 @@ def atomic_dataset(target: Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield partial
         with signals_blocked():
+            raise_if_interrupted()  # a signal whose exception was swallowed before: nothing is published
             if target.exists():
                 if not overwrite:
                     raise ConversionError(f"{target} already exists; pass --overwrite (overwrite=True) to replace it")
@@ -793,6 +794,7 @@ def convert_cases(function: Callable[[Any, Path | None], str], cases: Sequence[A
     problems = problems if problems is not None else Problems()
     with tqdm(total=len(cases), unit="case", disable=None, file=sys.stderr, leave=False) as bar:
         for k, (ok, note) in enumerate(run_cases(function, cases, folder, num_processes), start=1):
+            raise_if_interrupted()
             if ok:
                 bar.write(f"[{k}/{len(cases)}] {note}", file=sys.stdout)
             else:
@@ -883,19 +885,33 @@ def parse_converter_args(parser: argparse.ArgumentParser, argv: Sequence[str] | 
     return args
 
 
+_received_signals: list[int] = []
+
+
 def _raise_interrupted(signum: int, frame: object) -> None:
+    # remembered as well: Python swallows an exception raised while a ``__del__`` runs (e.g. nibabel's, during
+    # garbage collection), so ``raise_if_interrupted`` raises it again at the next check point
+    _received_signals.append(signum)
     raise Interrupted(signum)
+
+
+def raise_if_interrupted() -> None:
+    """Raise :class:`Interrupted` if a handled signal arrived, even if its exception was swallowed."""
+    if _received_signals:
+        raise Interrupted(_received_signals[0])
 
 
 @contextlib.contextmanager
 def handle_signals() -> Iterator[None]:
     """Turn SIGINT, SIGTERM and SIGHUP into :class:`Interrupted` in the main thread while converting."""
+    _received_signals.clear()
     previous = {s: signal.signal(s, _raise_interrupted) for s in HANDLED_SIGNALS}
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        _received_signals.clear()
 
 
 def _print_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,

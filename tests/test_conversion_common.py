@@ -505,3 +505,22 @@ def test_write_dataset_refuses_repeated_case_ids_and_bad_process_count(tmp_path:
         common.write_dataset(tmp_path / "raw" / "Dataset007_Tiny", cases, convert_png_case, DATASET_JSON,
                              num_processes=0)
     assert not (tmp_path / "raw").exists()
+
+
+def test_a_signal_swallowed_by_a_destructor_still_stops_publishing(tmp_path: Path):
+    """Python ignores an exception raised while a ``__del__`` runs (seen with nibabel's during garbage collection:
+    a SIGINT was lost and the dataset published); the toolkit remembers the signal and raises it before publishing."""
+    import signal
+
+    class SignalsWhileDeleted:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler's Interrupted is raised inside __del__ and swallowed
+
+    target = tmp_path / "Dataset001_Demo"
+    with pytest.raises(common.Interrupted) as interruption:
+        with common.handle_signals(), common.atomic_dataset(target) as partial:
+            (partial / "dataset.json").write_text("{}")
+            deleted = SignalsWhileDeleted()
+            del deleted
+    assert interruption.value.signum == signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []  # nothing published, the temporary folder removed
