@@ -1,0 +1,507 @@
+"""Modulated deformable convolution (DCNv2) as Triton kernels, 2D and 3D, forward and backward.
+
+Reference: X. Zhu, H. Hu, S. Lin, J. Dai, "Deformable ConvNets v2", CVPR 2019, Eq. 3:
+
+    y(p0) = sum_k  w_k * x(p0 * stride - padding + dilation * p_k + dp_k) * dm_k
+
+with x(.) bi/trilinear interpolation and zeros outside the input. ``deform_conv_triton`` has the semantics,
+arguments and offset/mask layout of ``nnunet_ext.building_blocks.deform_conv.deform_conv_nd`` (the PyTorch
+reference; see that module's docstring for the layout), runs on CUDA tensors, and on CPU tensors only under
+Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is first imported; that is how the tests run it).
+
+Algorithm (one notation for 2D and 3D: a 2D problem is the 3D one with depth 1, kernel depth 1 and no z offset;
+the kernels take ``NZ = 1`` and skip the z corners at compile time)
+-----------------------------------------------------------------------------------------------------------------
+Rows ``m`` are output positions flattened over (batch, output voxels), ``M = B * prod(out)``. Input channels are
+walked in *segments* of ``S = gcd(C_in / groups, C_in / G)`` channels: a segment lies inside one conv group and
+one offset group, so one set of sampling positions serves all its channels.
+
+* Forward, ``_dcn_forward_kernel`` (implicit GEMM): a program owns a tile of ``BLOCK_M`` rows x ``BLOCK_N``
+  output channels of one conv group. It loops over kernel points k, segments and blocks of ``BLOCK_K`` input
+  channels; for each it computes the ``BLOCK_M`` fractional positions of kernel point k (from the offsets) and the
+  modulation, gathers the ``BLOCK_M x BLOCK_K`` bi/trilinear samples (4 or 8 masked loads; corners outside the
+  input read 0), multiplies by the modulation and accumulates ``samples @ W[:, block, k]^T`` with ``tl.dot`` in
+  fp32. The ``C_in * K * voxels`` column matrix never exists in memory. Bias is added in the epilogue.
+* Backward, data part, ``_dcn_backward_data_kernel``: a program owns ``BLOCK_M`` rows of one conv group. Per
+  (k, segment, channel block) it forms ``dcol = grad_out[rows, group] @ W[group, block, k]`` with ``tl.dot``
+  (fp32), recomputes the corner values and interpolation weights, and
+  - scatters ``dcol * mask * w_corner`` into grad_input with ``tl.atomic_add`` (different rows and kernel
+    points hit the same input voxel),
+  - reduces over the block's channels ``sum_c dcol * sample`` (grad of the mask) and
+    ``sum_c dcol * mask * d sample / d p_a`` (grad of the offset along axis a; the spatial derivative of the
+    interpolation: the weight factor of axis a replaced by -1 / +1 for the lower / upper corner, the same
+    convention as ``grid_sample``'s backward, also at integer positions) and adds them with ``tl.atomic_add``
+    (an offset group can span several conv groups and segments).
+* Backward, weight part, ``_dcn_backward_weight_kernel``: ``grad_W[o, c, k] = sum_m grad_out[m, o] *
+  mask * sample[m, c, k]``, a GEMM over the rows. A program owns (k, segment, channel block) x ``BLOCK_N`` output
+  channels x one conv group x one of ``split`` slices of the rows (split-K over M, chosen so that about
+  ``4 x SMs`` programs run); it recomputes the samples per ``BLOCK_M`` rows, accumulates
+  ``samples^T @ grad_out`` with ``tl.dot`` and adds its partial sum with ``tl.atomic_add``.
+* grad of the bias: ``grad_out.sum`` (a torch reduction).
+
+Only the inputs (input, offset, weight, mask) are saved for backward; everything else is recomputed.
+
+Numerics: sampling positions, interpolation weights and the interpolated samples are fp32 whatever the input dtype.
+For fp16/bf16 input the modulated samples, grad_out tile and the weights are rounded to the input dtype before each
+``tl.dot`` (tensor-core operands), products are accumulated in fp32, and the result is returned in the input dtype;
+so compared with the fp32 reference, fp16/bf16 results carry the operand rounding (about 1e-3 / 8e-3 relative).
+fp32 input uses ``tl.dot`` with ``input_precision='ieee'`` unless ``torch.backends.cuda.matmul.allow_tf32`` is set
+(then TF32, as torch's own matmuls). All atomics accumulate in fp32 buffers that are cast to the gradient's dtype at
+the end; their order is not deterministic, so gradients can differ in the last bits between runs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from nnunet_ext.building_blocks.deform_conv import deform_conv_output_size
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only torch wheels come without triton
+    triton = None
+
+IntOrSeq = Union[int, Sequence[int]]
+
+__all__ = ["deform_conv_triton", "triton_deform_conv_available"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _interpreting() -> bool:
+    """True when triton runs kernels in its interpreter (``TRITON_INTERPRET=1`` was set before it was imported)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(_dcn_forward_kernel, InterpretedFunction)
+
+
+def triton_deform_conv_available(device: Union[str, torch.device]) -> bool:
+    """Whether ``deform_conv_triton`` can run on tensors of ``device``: triton importable and either a CUDA device
+    or the triton interpreter active."""
+    if triton is None:
+        return False
+    return torch.device(device).type == "cuda" or _interpreting()
+
+
+if triton is not None:
+    @triton.jit
+    def _rows(pid_m, M, L, OH, OW, SD, SH, SW, PD, PH, PW, BLOCK_M: tl.constexpr):
+        """Rows ``pid_m * BLOCK_M + [0, BLOCK_M)``: batch index, flat output voxel, in-range flag and the fp32 input
+        position ``o * stride - padding`` of the kernel's first point along z, y, x."""
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = rm < M
+        b = rm // L
+        p = rm % L
+        bz = ((p // (OH * OW)) * SD - PD).to(tl.float32)
+        by = (((p // OW) % OH) * SH - PH).to(tl.float32)
+        bx = ((p % OW) * SW - PW).to(tl.float32)
+        return b, p, m_ok, bz, by, bx
+
+    @triton.jit
+    def _sample_position(off_ptr, msk_ptr, b, p, m_ok, bz, by, bx, k, g, K, L, G, KH, KW, DD, DH, DW,
+                         NZ: tl.constexpr, HAS_MASK: tl.constexpr):
+        """Fractional input position (z, y, x) of kernel point k of offset group g for each row, and its
+        modulation (1 without mask). Offset channel ``(g * K + k) * N + a``, mask channel ``g * K + k``."""
+        kz = k // (KH * KW)
+        ky = (k // KW) % KH
+        kx = k % KW
+        if NZ == 2:
+            obase = off_ptr + (b.to(tl.int64) * (3 * G * K) + (g * K + k) * 3) * L + p
+            pz = bz + (kz * DD).to(tl.float32) + tl.load(obase, mask=m_ok, other=0.0).to(tl.float32)
+            obase = obase + L
+        else:
+            obase = off_ptr + (b.to(tl.int64) * (2 * G * K) + (g * K + k) * 2) * L + p
+            pz = tl.zeros(p.shape, tl.float32)
+        py = by + (ky * DH).to(tl.float32) + tl.load(obase, mask=m_ok, other=0.0).to(tl.float32)
+        px = bx + (kx * DW).to(tl.float32) + tl.load(obase + L, mask=m_ok, other=0.0).to(tl.float32)
+        if HAS_MASK:
+            mod = tl.load(msk_ptr + (b.to(tl.int64) * (G * K) + g * K + k) * L + p, mask=m_ok, other=0.0)
+            mod = mod.to(tl.float32)
+        else:
+            mod = tl.full(p.shape, 1.0, tl.float32)
+        return pz, py, px, mod
+
+    @triton.jit
+    def _walk_cell(x_ptr, row_base, col_off, c_ok, m_ok, pz, py, px, D, H, W, gx_ptr, gs, NZ: tl.constexpr,
+                   LOAD: tl.constexpr, DERIV: tl.constexpr, SCATTER: tl.constexpr):
+        """Walks the 2^N corners of each row's interpolation cell for a block of channels (zeros outside the input).
+
+        Corner (z0 + cz, y0 + cy, x0 + cx), with (z0, y0, x0) = floor(p) and f = p - floor(p), has the weight
+        prod_a (f_a if c_a else 1 - f_a); its derivative along axis a replaces that axis' factor by +1 (upper
+        corner) or -1 (lower corner), as in ``grid_sample``'s backward (also at integer positions).
+        Returns ``(samples, d samples/dz, d/dy, d/dx)``, each ``(BLOCK_M, BLOCK_K)`` fp32: the samples if LOAD,
+        the derivatives if DERIV (else zeros); if SCATTER, adds ``gs * weight`` at every in-bounds corner of
+        ``gx_ptr`` with ``tl.atomic_add``."""
+        z0f = tl.floor(pz)
+        y0f = tl.floor(py)
+        x0f = tl.floor(px)
+        fz = pz - z0f
+        fy = py - y0f
+        fx = px - x0f
+        z0 = z0f.to(tl.int64)  # int64 index arithmetic: no int32 overflow (and no overflow checks in the interpreter)
+        y0 = y0f.to(tl.int64)
+        x0 = x0f.to(tl.int64)
+        okx0 = (x0 >= 0) & (x0 < W)
+        okx1 = (x0 >= -1) & (x0 < W - 1)
+        c_ok2 = c_ok[None, :]
+        col2 = col_off[None, :]
+        val = tl.zeros((row_base.shape[0], col_off.shape[0]), tl.float32)
+        dz = tl.zeros((row_base.shape[0], col_off.shape[0]), tl.float32)
+        dy = tl.zeros((row_base.shape[0], col_off.shape[0]), tl.float32)
+        dx = tl.zeros((row_base.shape[0], col_off.shape[0]), tl.float32)
+        for cz in tl.static_range(NZ):
+            if cz == 1:
+                wz = fz
+            else:
+                wz = 1.0 - fz
+            okz = m_ok & (z0 >= -cz) & (z0 < D - cz)
+            for cy in tl.static_range(2):
+                if cy == 1:
+                    wy = fy
+                else:
+                    wy = 1.0 - fy
+                okzy = okz & (y0 >= -cy) & (y0 < H - cy)
+                spzy = row_base + ((z0 + cz) * H + y0 + cy) * W + x0
+                wzy = wz * wy
+                for cx in tl.static_range(2):
+                    if cx == 1:
+                        wx = fx
+                        ok = (okzy & okx1)[:, None] & c_ok2
+                    else:
+                        wx = 1.0 - fx
+                        ok = (okzy & okx0)[:, None] & c_ok2
+                    addr = (spzy + cx)[:, None] + col2
+                    w = (wzy * wx)[:, None]
+                    if SCATTER:
+                        tl.atomic_add(gx_ptr + addr, gs * w, mask=ok)
+                    if LOAD:
+                        v = tl.load(x_ptr + addr, mask=ok, other=0.0).to(tl.float32)
+                        val += w * v
+                        if DERIV:
+                            if cx == 1:
+                                dx += wzy[:, None] * v
+                            else:
+                                dx -= wzy[:, None] * v
+                            if cy == 1:
+                                dy += (wz * wx)[:, None] * v
+                            else:
+                                dy -= (wz * wx)[:, None] * v
+                            if cz == 1:
+                                dz += (wy * wx)[:, None] * v
+                            else:
+                                dz -= (wy * wx)[:, None] * v
+        return val, dz, dy, dx
+
+    @triton.jit
+    def _mma(a, b, acc, IEEE: tl.constexpr, DOT_FP32: tl.constexpr):
+        """``acc + a @ b`` accumulated in fp32; ``a``, ``b`` are already rounded to the operand dtype. With
+        ``DOT_FP32`` they are multiplied as fp32 (products of bf16 values are exact in fp32, so this is the same
+        function): triton 3.8's interpreter multiplies the raw bit patterns of bf16 operands in ``tl.dot``."""
+        if DOT_FP32:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        elif IEEE:
+            return tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _dcn_forward_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, bias_ptr, out_ptr,
+                            M, L, C_in, D, H, W, OH, OW, K, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+                            G, CG_IN, CG_OUT, C_PER_OG, SEG, C_OUT,
+                            NZ: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Grid ``(cdiv(M, BLOCK_M), cdiv(CG_OUT, BLOCK_N), groups)``: implicit GEMM over the deformed samples."""
+        grp = tl.program_id(2)
+        b, p, m_ok, bz, by, bx = _rows(tl.program_id(0), M, L, OH, OW, SD, SH, SW, PD, PH, PW, BLOCK_M)
+        S = D * H * W
+        row_base = b.to(tl.int64) * C_in * S
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < CG_OUT
+        o = grp * CG_OUT + rn
+        DT = x_ptr.dtype.element_ty
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k in range(K):
+            for seg in range(CG_IN // SEG):
+                c_start = grp * CG_IN + seg * SEG
+                pz, py, px, mod = _sample_position(off_ptr, msk_ptr, b, p, m_ok, bz, by, bx, k, c_start // C_PER_OG,
+                                                   K, L, G, KH, KW, DD, DH, DW, NZ, HAS_MASK)
+                for c0 in range(0, SEG, BLOCK_K):
+                    rc = c0 + tl.arange(0, BLOCK_K)
+                    c_ok = rc < SEG
+                    val, _, _, _ = _walk_cell(x_ptr, row_base, (c_start + rc).to(tl.int64) * S, c_ok, m_ok,
+                                              pz, py, px, D, H, W, x_ptr, None, NZ, True, False, False)
+                    wt = tl.load(w_ptr + o[None, :] * (CG_IN * K) + (seg * SEG + rc)[:, None] * K + k,
+                                 mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+                    acc = _mma((val * mod[:, None]).to(DT), wt.to(DT), acc, IEEE, DOT_FP32)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + o, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out_addr = (b.to(tl.int64) * C_OUT * L + p)[:, None] + o[None, :].to(tl.int64) * L
+        tl.store(out_ptr + out_addr, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _dcn_backward_data_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gout_ptr, gx_ptr, goff_ptr, gmsk_ptr,
+                                  M, L, C_in, D, H, W, OH, OW, K, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+                                  G, CG_IN, CG_OUT, C_PER_OG, SEG, C_OUT,
+                                  NZ: tl.constexpr, HAS_MASK: tl.constexpr, NEED_GX: tl.constexpr,
+                                  NEED_GOFF: tl.constexpr, IEEE: tl.constexpr,
+                                  DOT_FP32: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Grid ``(cdiv(M, BLOCK_M), groups)``: grad of input (atomic scatter), offsets and mask (atomic)."""
+        grp = tl.program_id(1)
+        b, p, m_ok, bz, by, bx = _rows(tl.program_id(0), M, L, OH, OW, SD, SH, SW, PD, PH, PW, BLOCK_M)
+        S = D * H * W
+        row_base = b.to(tl.int64) * C_in * S
+        gout_row = b.to(tl.int64) * C_OUT * L + p
+        DT = x_ptr.dtype.element_ty
+        for k in range(K):
+            for seg in range(CG_IN // SEG):
+                c_start = grp * CG_IN + seg * SEG
+                g = c_start // C_PER_OG
+                pz, py, px, mod = _sample_position(off_ptr, msk_ptr, b, p, m_ok, bz, by, bx, k, g,
+                                                   K, L, G, KH, KW, DD, DH, DW, NZ, HAS_MASK)
+                g_mod = tl.zeros((BLOCK_M,), tl.float32)
+                g_pz = tl.zeros((BLOCK_M,), tl.float32)
+                g_py = tl.zeros((BLOCK_M,), tl.float32)
+                g_px = tl.zeros((BLOCK_M,), tl.float32)
+                for c0 in range(0, SEG, BLOCK_K):
+                    rc = c0 + tl.arange(0, BLOCK_K)
+                    c_ok = rc < SEG
+                    col_off = (c_start + rc).to(tl.int64) * S
+                    # dcol[m, c] = d loss / d (mask * sample)[m, c, k] = sum_o grad_out[m, o] * W[o, c, k]
+                    dcol = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+                    for n0 in range(0, CG_OUT, BLOCK_N):
+                        rn = n0 + tl.arange(0, BLOCK_N)
+                        n_ok = rn < CG_OUT
+                        o = grp * CG_OUT + rn
+                        go = tl.load(gout_ptr + gout_row[:, None] + o[None, :].to(tl.int64) * L,
+                                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+                        wt = tl.load(w_ptr + o[:, None] * (CG_IN * K) + (seg * SEG + rc)[None, :] * K + k,
+                                     mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+                        dcol = _mma(go.to(DT), wt.to(DT), dcol, IEEE, DOT_FP32)
+                    gs = dcol * mod[:, None]
+                    sample, dz, dy, dx = _walk_cell(x_ptr, row_base, col_off, c_ok, m_ok, pz, py, px, D, H, W,
+                                                    gx_ptr, gs, NZ, NEED_GOFF, NEED_GOFF, NEED_GX)
+                    if NEED_GOFF:
+                        g_mod += tl.sum(dcol * sample, axis=1)
+                        g_pz += tl.sum(gs * dz, axis=1)
+                        g_py += tl.sum(gs * dy, axis=1)
+                        g_px += tl.sum(gs * dx, axis=1)
+                if NEED_GOFF:
+                    if NZ == 2:
+                        oaddr = goff_ptr + (b.to(tl.int64) * (3 * G * K) + (g * K + k) * 3) * L + p
+                        tl.atomic_add(oaddr, g_pz, mask=m_ok)
+                        oaddr = oaddr + L
+                    else:
+                        oaddr = goff_ptr + (b.to(tl.int64) * (2 * G * K) + (g * K + k) * 2) * L + p
+                    tl.atomic_add(oaddr, g_py, mask=m_ok)
+                    tl.atomic_add(oaddr + L, g_px, mask=m_ok)
+                    if HAS_MASK:
+                        tl.atomic_add(gmsk_ptr + (b.to(tl.int64) * (G * K) + g * K + k) * L + p, g_mod, mask=m_ok)
+
+    @triton.jit
+    def _dcn_backward_weight_kernel(x_ptr, off_ptr, msk_ptr, gout_ptr, gw_ptr,
+                                    M, L, C_in, D, H, W, OH, OW, K, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+                                    G, CG_IN, CG_OUT, C_PER_OG, SEG, C_OUT, SPLIT,
+                                    NZ: tl.constexpr, HAS_MASK: tl.constexpr,
+                                    IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Grid ``(K * segments * cdiv(SEG, BLOCK_K), cdiv(CG_OUT, BLOCK_N), groups * SPLIT)``: split-K GEMM
+        ``grad_W[o, c, k] += sum_m grad_out[m, o] * (mask * sample)[m, c, k]`` over this program's row blocks."""
+        n_cb = tl.cdiv(SEG, BLOCK_K)
+        pid0 = tl.program_id(0)
+        cb = pid0 % n_cb
+        seg = (pid0 // n_cb) % (CG_IN // SEG)
+        k = pid0 // (n_cb * (CG_IN // SEG))
+        grp = tl.program_id(2) // SPLIT
+        split = tl.program_id(2) % SPLIT
+        c_start = grp * CG_IN + seg * SEG
+        g = c_start // C_PER_OG
+        rc = cb * BLOCK_K + tl.arange(0, BLOCK_K)
+        c_ok = rc < SEG
+        S = D * H * W
+        col_off = (c_start + rc).to(tl.int64) * S
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < CG_OUT
+        o = grp * CG_OUT + rn
+        DT = x_ptr.dtype.element_ty
+        acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
+        for mb in range(split, tl.cdiv(M, BLOCK_M), SPLIT):
+            b, p, m_ok, bz, by, bx = _rows(mb, M, L, OH, OW, SD, SH, SW, PD, PH, PW, BLOCK_M)
+            pz, py, px, mod = _sample_position(off_ptr, msk_ptr, b, p, m_ok, bz, by, bx, k, g,
+                                               K, L, G, KH, KW, DD, DH, DW, NZ, HAS_MASK)
+            val, _, _, _ = _walk_cell(x_ptr, b.to(tl.int64) * C_in * S, col_off, c_ok, m_ok, pz, py, px, D, H, W,
+                                      x_ptr, None, NZ, True, False, False)
+            go = tl.load(gout_ptr + (b.to(tl.int64) * C_OUT * L + p)[:, None] + o[None, :].to(tl.int64) * L,
+                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = _mma(tl.trans((val * mod[:, None]).to(DT)), go.to(DT), acc, IEEE, DOT_FP32)
+        tl.atomic_add(gw_ptr + o[None, :] * (CG_IN * K) + (seg * SEG + rc)[:, None] * K + k, acc,
+                      mask=c_ok[:, None] & n_ok[None, :])
+
+
+class _Geometry:
+    """Validated shapes of one call, in the 3D notation the kernels use (2D: depth 1, kernel depth 1)."""
+
+    def __init__(self, input, offset, weight, bias, stride, padding, dilation, mask):
+        n = input.dim() - 2
+        if n not in (2, 3):
+            raise ValueError(f"deform_conv_triton supports 2 or 3 spatial dims, got input {tuple(input.shape)}")
+        if weight.dim() != n + 2:
+            raise ValueError(f"weight must have {n + 2} dims for {n}D input, got {tuple(weight.shape)}")
+        stride, padding, dilation = (_ntuple(v, n, name) for v, name in
+                                     ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
+        B, c_in = input.shape[:2]
+        c_out, cg_in = weight.shape[:2]
+        ksize = tuple(weight.shape[2:])
+        K = math.prod(ksize)
+        if cg_in == 0 or c_in % cg_in:
+            raise ValueError(f"input channels {c_in} not divisible by weight.shape[1] = {cg_in}")
+        groups = c_in // cg_in
+        if c_out % groups:
+            raise ValueError(f"output channels {c_out} not divisible by groups {groups}")
+        out_size = deform_conv_output_size(input.shape[2:], ksize, stride, padding, dilation)
+        if any(o <= 0 for o in out_size):
+            raise ValueError(f"non-positive output size {out_size} for input {tuple(input.shape[2:])}, kernel {ksize}")
+        if offset.dim() != n + 2 or offset.shape[0] != B or tuple(offset.shape[2:]) != out_size \
+                or offset.shape[1] == 0 or offset.shape[1] % (n * K):
+            raise ValueError(f"offset must have shape (B={B}, {n}*G*K with K={K}, *{out_size}), "
+                             f"got {tuple(offset.shape)}")
+        G = offset.shape[1] // (n * K)
+        if c_in % G:
+            raise ValueError(f"input channels {c_in} not divisible by offset groups {G}")
+        if mask is not None and tuple(mask.shape) != (B, G * K, *out_size):
+            raise ValueError(f"mask must have shape {(B, G * K, *out_size)}, got {tuple(mask.shape)}")
+        if bias is not None and tuple(bias.shape) != (c_out,):
+            raise ValueError(f"bias must have shape ({c_out},), got {tuple(bias.shape)}")
+        if input.dtype not in _DTYPES:
+            raise TypeError(f"deform_conv_triton supports float32, float16 and bfloat16 input, got {input.dtype}")
+        for name, t in (("offset", offset), ("weight", weight), ("bias", bias), ("mask", mask)):
+            if t is None:
+                continue
+            if t.dtype not in _DTYPES:
+                raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+            if t.device != input.device:
+                raise ValueError(f"{name} is on {t.device}, input on {input.device}")
+        if triton is None:
+            raise RuntimeError("deform_conv_triton needs triton (shipped with the CUDA builds of torch); "
+                               "use nnunet_ext.building_blocks.deform_conv.deform_conv_nd instead")
+        if input.device.type != "cuda" and not _interpreting():
+            raise RuntimeError(f"deform_conv_triton runs on CUDA tensors, got a {input.device.type} tensor; on CPU "
+                               "use deform_conv_nd, or set TRITON_INTERPRET=1 before triton is imported to run the "
+                               "kernels in triton's (slow) interpreter")
+        pad3 = lambda t, fill: (fill,) * (3 - n) + tuple(t)  # noqa: E731
+        self.n, self.B, self.c_in, self.c_out, self.K = n, B, c_in, c_out, K
+        self.in_size, self.out_size = tuple(input.shape[2:]), out_size
+        self.in3, self.out3, self.k3 = pad3(self.in_size, 1), pad3(out_size, 1), pad3(ksize, 1)
+        self.stride3, self.padding3, self.dilation3 = pad3(stride, 1), pad3(padding, 0), pad3(dilation, 1)
+        self.G, self.groups, self.cg_in, self.cg_out = G, groups, cg_in, c_out // groups
+        self.seg = math.gcd(cg_in, c_in // G)
+        self.M, self.L = B * math.prod(out_size), math.prod(out_size)
+
+    def scalars(self):
+        """The scalar arguments every kernel takes after its pointers, in order."""
+        return (self.M, self.L, self.c_in, *self.in3, *self.out3[1:], self.K, *self.k3[1:], *self.stride3,
+                *self.padding3, *self.dilation3, self.G, self.cg_in, self.cg_out, self.c_in // self.G, self.seg,
+                self.c_out)
+
+    def blocks(self):
+        """``BLOCK_M, BLOCK_N, BLOCK_K`` (``tl.dot`` needs every side >= 16)."""
+        pow2 = triton.next_power_of_2
+        return 64, min(64, max(16, pow2(self.cg_out))), min(32, max(16, pow2(self.seg)))
+
+
+def _ntuple(v: IntOrSeq, n: int, name: str) -> Tuple[int, ...]:
+    if isinstance(v, int):
+        return (v,) * n
+    v = tuple(int(i) for i in v)
+    if len(v) != n:
+        raise ValueError(f"{name} must be an int or have {n} entries, got {v}")
+    return v
+
+
+def _launch_flags(dtype: torch.dtype) -> dict:
+    """``tl.dot`` precision: IEEE fp32 for float32 input unless ``torch.backends.cuda.matmul.allow_tf32``;
+    bf16 operands multiplied as fp32 in the interpreter (see ``_mma``)."""
+    return dict(IEEE=dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
+                DOT_FP32=dtype == torch.bfloat16 and _interpreting())
+
+
+def _multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 8 under the interpreter (only sets the split-K factor)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+class _DeformConvTriton(torch.autograd.Function):
+    """DCNv2 with Triton kernels for forward and backward; saves only (input, offset, weight, mask)."""
+
+    @staticmethod
+    def forward(ctx, input, offset, weight, bias, mask, geo: _Geometry):
+        input, offset, weight = input.contiguous(), offset.contiguous(), weight.contiguous()
+        mask = None if mask is None else mask.contiguous()
+        out = torch.empty(geo.B, geo.c_out, *geo.out_size, dtype=input.dtype, device=input.device)
+        bm, bn, bk = geo.blocks()
+        grid = (triton.cdiv(geo.M, bm), triton.cdiv(geo.cg_out, bn), geo.groups)
+        _dcn_forward_kernel[grid](input, offset, offset if mask is None else mask, weight,
+                                  weight if bias is None else bias.contiguous(), out, *geo.scalars(),
+                                  NZ=2 if geo.n == 3 else 1, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
+                                  **_launch_flags(input.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        ctx.save_for_backward(input, offset, weight, mask)
+        ctx.geo = geo
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        input, offset, weight, mask = ctx.saved_tensors
+        geo = ctx.geo
+        need_x, need_off, need_w, need_b, need_m = ctx.needs_input_grad[:5]
+        grad_out = grad_out.contiguous()
+        bm, bn, bk = geo.blocks()
+        nz = 2 if geo.n == 3 else 1
+        has_mask = mask is not None
+        flags = _launch_flags(input.dtype)
+        gx = goff = gw = gb = gm = None
+        if need_x or need_off or need_m:
+            f32 = dict(dtype=torch.float32, device=input.device)
+            gx = torch.zeros(input.shape, **f32) if need_x else None
+            goff = torch.zeros(offset.shape, **f32) if need_off or need_m else None
+            gm = torch.zeros(mask.shape, **f32) if has_mask and (need_off or need_m) else None
+            _dcn_backward_data_kernel[(triton.cdiv(geo.M, bm), geo.groups)](
+                input, offset, mask if has_mask else offset, weight, grad_out,
+                input if gx is None else gx, offset if goff is None else goff, offset if gm is None else gm,
+                *geo.scalars(), NZ=nz, HAS_MASK=has_mask, NEED_GX=gx is not None, NEED_GOFF=goff is not None,
+                **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+            gx = gx.to(input.dtype) if need_x else None
+            gm = gm.to(mask.dtype) if need_m else None
+            goff = goff.to(offset.dtype) if need_off else None
+        if need_w:
+            gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            programs = geo.K * (geo.cg_in // geo.seg) * triton.cdiv(geo.seg, bk) * triton.cdiv(geo.cg_out, bn) \
+                * geo.groups
+            split = max(1, min(triton.cdiv(geo.M, bm), 4 * _multiprocessors(input.device) // programs))
+            grid = (geo.K * (geo.cg_in // geo.seg) * triton.cdiv(geo.seg, bk), triton.cdiv(geo.cg_out, bn),
+                    geo.groups * split)
+            _dcn_backward_weight_kernel[grid](input, offset, mask if has_mask else offset, grad_out, gw,
+                                              *geo.scalars(), split, NZ=nz, HAS_MASK=has_mask, **flags,
+                                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+            gw = gw.to(weight.dtype)
+        if need_b:
+            gb = grad_out.sum(dim=(0, *range(2, grad_out.dim())), dtype=torch.float32).to(ctx.bias_dtype)
+        return gx, goff, gw, gb, gm, None
+
+
+def deform_conv_triton(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
+                       bias: Optional[torch.Tensor] = None, stride: IntOrSeq = 1, padding: IntOrSeq = 0,
+                       dilation: IntOrSeq = 1, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Modulated deformable convolution (DCNv2, Eq. 3) with Triton kernels, 2D or 3D, differentiable w.r.t. input,
+    offset, weight, bias and mask.
+
+    Same arguments, layout and result as ``deform_conv_nd`` (conv groups = ``C_in // weight.shape[1]``, offset
+    groups = ``offset.shape[1] // (N * K)``, ``mask=None`` = DCNv1); input float32, float16 or bfloat16, result in
+    the input's dtype. CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``; anything else raises a
+    RuntimeError naming the problem.
+    """
+    geo = _Geometry(input, offset, weight, bias, stride, padding, dilation, mask)
+    return _DeformConvTriton.apply(input, offset, weight, bias, mask, geo)
