@@ -18,7 +18,7 @@ instance norm, LeakyReLU, no deep supervision.  Validation: hard (argmax) Dice p
 over the small-object images, the large-object images, and all images ("overall"), every
 ``--eval-every`` iterations.
 
-Usage:  python -m benchmarks.godc_convergence --iters 400 --seeds 0 1 2 [--loss dice|dice_ce]
+Usage:  python -m benchmarks.godc_convergence --iters 400 --seeds 0 1 2 [--loss dice dice_ce] [--write-readme]
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.utilities.helpers import softmax_helper_dim1
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
+from benchmarks.readme_results import add_write_readme_argument, write_results
 from nnunet_ext.losses import GODCDiceLoss, build_dice_ce_loss
 
 DICE_CLASSES = {'plain': MemoryEfficientSoftDiceLoss, 'godc': GODCDiceLoss}
@@ -124,11 +125,52 @@ def first_reach(curve, col, target):
     return int(curve[hit[0], 0]) if len(hit) else None
 
 
+def convergence_rows(results, seeds, targets, eval_every):
+    """The table of one loss: per seed and the mean over seeds, plain then GODC (see the legend in ``LEGEND``)."""
+    cols = {'overall': 1, 'small': 2, 'large': 3}
+
+    def fmt(v):
+        return '-' if v is None else str(v)
+
+    head = ['seed', 'loss'] + [f'it@{c}>={t}' for c in ('overall', 'small', 'large') for t in targets] + \
+           ['final_all', 'final_small', 'final_large', 'best_all', 'auc_all']
+    tail = max(1, 20 // eval_every)  # mean of the last ~20 iterations: less noisy "final"
+    rows = []
+    for seed in seeds:
+        for kind in ('plain', 'godc'):
+            c = results[(seed, kind)]
+            row = [str(seed), kind]
+            row += [fmt(first_reach(c, cols[name], t)) for name in ('overall', 'small', 'large') for t in targets]
+            last = c[-tail:]
+            row += [f'{last[:, 1].mean():.3f}', f'{last[:, 2].mean():.3f}', f'{last[:, 3].mean():.3f}',
+                    f'{c[:, 1].max():.3f}', f'{c[:, 1].mean():.3f}']
+            rows.append(row)
+    for kind in ('plain', 'godc'):
+        cs = [results[(s, kind)] for s in seeds]
+        row = ['mean', kind]
+        for name in ('overall', 'small', 'large'):
+            for t in targets:
+                its = [first_reach(c, cols[name], t) for c in cs]
+                row.append(fmt(None if any(i is None for i in its) else round(float(np.mean(its)))))
+        last = [c[-tail:] for c in cs]
+        row += [f'{np.mean([v[:, k].mean() for v in last]):.3f}' for k in (1, 2, 3)]
+        row += [f'{np.mean([c[:, 1].max() for c in cs]):.3f}', f'{np.mean([c[:, 1].mean() for c in cs]):.3f}']
+        rows.append(row)
+    return head, rows
+
+
+LEGEND = ('it@X>=t: first evaluated iteration with validation Dice >= t ("-" = not reached); final_*: mean of the '
+          'evaluations in the last ~20 iterations; best_all: max overall Dice; auc_all: mean overall Dice over all '
+          'evaluations (area under the learning curve / iterations). mean rows: it@ averaged over seeds, "-" if any '
+          'seed did not reach the target.')
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--iters', type=int, default=400)
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-    p.add_argument('--loss', choices=['dice', 'dice_ce'], default='dice')
+    p.add_argument('--loss', choices=['dice', 'dice_ce'], nargs='+', default=['dice'],
+                   help='one table per loss (the README block: --loss dice dice_ce)')
     p.add_argument('--lr', type=float, default=1e-3)
     p.add_argument('--batch-size', type=int, default=4)
     p.add_argument('--size', type=int, default=64)
@@ -137,64 +179,42 @@ def main():
     p.add_argument('--eval-every', type=int, default=5)
     p.add_argument('--targets', type=float, nargs='+', default=[0.7, 0.8])
     p.add_argument('--threads', type=int, default=1)  # >1 thrashes on a loaded 2-core box
+    add_write_readme_argument(p)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
     val_rng = np.random.RandomState(12345)
     flags = np.arange(args.n_val) % 2 == 0
     val = make_batch(val_rng, args.n_val, args.size, args.noise, flags)
-    print(f'# GODC convergence benchmark: loss={args.loss} iters={args.iters} seeds={args.seeds} lr={args.lr} '
-          f'(Adam) batch={args.batch_size} size={args.size}x{args.size} noise={args.noise} '
-          f'val={args.n_val} images ({flags.sum()} small-object, {(~flags).sum()} large-object), '
-          f'eval every {args.eval_every} it')
+    setting = (f'iters={args.iters} seeds={args.seeds} lr={args.lr} (Adam) batch={args.batch_size} '
+               f'size={args.size}x{args.size} noise={args.noise} val={args.n_val} images ({flags.sum()} small-object, '
+               f'{(~flags).sum()} large-object), eval every {args.eval_every} it')
+    print(f'# GODC convergence benchmark: loss={args.loss} {setting}')
     fg = val[1].flatten(1).sum(1).float()
     print(f'# val foreground voxels: small images mean {fg[torch.from_numpy(flags)].mean():.1f}, '
           f'large images mean {fg[torch.from_numpy(~flags)].mean():.1f}')
 
-    results = {}
-    for seed in args.seeds:
-        for kind in ('plain', 'godc'):
-            t = time.time()
-            results[(seed, kind)] = train_one(kind, args.loss, seed, args, val)
-            print(f'# seed {seed} {kind:5s} done in {time.time() - t:.1f}s', flush=True)
-
-    cols = {'overall': 1, 'small': 2, 'large': 3}
-
-    def fmt(v):
-        return '-' if v is None else str(v)
-
-    head = ['seed', 'loss'] + [f'it@{c}>={t}' for c in ('overall', 'small', 'large') for t in args.targets] + \
-           ['final_all', 'final_small', 'final_large', 'best_all', 'auc_all']
-    rows = []
-    for seed in args.seeds:
-        for kind in ('plain', 'godc'):
-            c = results[(seed, kind)]
-            row = [str(seed), kind]
-            row += [fmt(first_reach(c, cols[name], t)) for name in ('overall', 'small', 'large') for t in args.targets]
-            last = c[-max(1, 20 // args.eval_every):]  # mean of the last ~20 iterations: less noisy "final"
-            row += [f'{last[:, 1].mean():.3f}', f'{last[:, 2].mean():.3f}', f'{last[:, 3].mean():.3f}',
-                    f'{c[:, 1].max():.3f}', f'{c[:, 1].mean():.3f}']
-            rows.append(row)
-    # mean over seeds
-    for kind in ('plain', 'godc'):
-        cs = [results[(s, kind)] for s in args.seeds]
-        row = ['mean', kind]
-        for name in ('overall', 'small', 'large'):
-            for t in args.targets:
-                its = [first_reach(c, cols[name], t) for c in cs]
-                row.append(fmt(None if any(i is None for i in its) else round(float(np.mean(its)))))
-        last = [c[-max(1, 20 // args.eval_every):] for c in cs]
-        row += [f'{np.mean([l[:, k].mean() for l in last]):.3f}' for k in (1, 2, 3)]
-        row += [f'{np.mean([c[:, 1].max() for c in cs]):.3f}', f'{np.mean([c[:, 1].mean() for c in cs]):.3f}']
-        rows.append(row)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    print(' '.join(h.rjust(w) for h, w in zip(head, widths)))
-    for r in rows:
-        print(' '.join(v.rjust(w) for v, w in zip(r, widths)))
-    print('# it@X>=t: first evaluated iteration with validation Dice >= t ("-" = not reached); final_*: mean '
-          'of the evaluations in the last ~20 iterations; best_all: max overall Dice; auc_all: mean overall '
-          'Dice over all evaluations (area under the learning curve / iterations). mean rows: it@ averaged '
-          'over seeds, "-" if any seed did not reach the target.')
+    markdown = [f'Plain soft Dice vs GODC on the 2D small/large-object task (`benchmarks/godc_convergence.py`: '
+                f'{setting}; same initialisation, batches and optimiser for both):']
+    for mode in args.loss:
+        results = {}
+        for seed in args.seeds:
+            for kind in ('plain', 'godc'):
+                t = time.time()
+                results[(seed, kind)] = train_one(kind, mode, seed, args, val)
+                print(f'# loss {mode} seed {seed} {kind:5s} done in {time.time() - t:.1f}s', flush=True)
+        head, rows = convergence_rows(results, args.seeds, args.targets, args.eval_every)
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+        print(f'# loss {mode}')
+        print(' '.join(h.rjust(w) for h, w in zip(head, widths)))
+        for r in rows:
+            print(' '.join(v.rjust(w) for v, w in zip(r, widths)))
+        title = 'Dice term alone (as in the paper)' if mode == 'dice' else "nnU-Net's Dice + CE (weights 1/1)"
+        markdown += ['', f'{title}:', '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+        markdown += ['| ' + ' | '.join(r) + ' |' for r in rows]
+    print(f'# {LEGEND}')
+    if args.write_readme:
+        write_results('godc-convergence', '\n'.join(markdown + ['', LEGEND]))
 
 
 if __name__ == '__main__':
