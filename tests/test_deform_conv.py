@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from nnunet_ext.building_blocks.deform_conv import DeformConv, ModulatedDeformConvBlock, deform_conv_nd
+from nnunet_ext.building_blocks.deform_conv import (DeformConv, ModulatedDeformConvBlock, deform_conv_nd,
+                                                    deform_conv_reference, resolve_backend)
 
 CONV = {2: F.conv2d, 3: F.conv3d}
 
@@ -52,12 +53,20 @@ def test_zero_offset_unit_mask_equals_dense_conv(dim, case):
     off = torch.zeros(2, dim * K, *out_size, dtype=torch.float64)
     mask = torch.ones(2, K, *out_size, dtype=torch.float64)
     ref = CONV[dim](x, w, b, s, p, d, g)
-    out = deform_conv_nd(x, off, w, b, s, p, d, mask)
-    assert out.shape == ref.shape
-    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
-    # mask=None means unit modulation (DCNv1); fp32 path
-    out32 = deform_conv_nd(x.float(), off.float(), w.float(), b.float(), s, p, d, None)
-    torch.testing.assert_close(out32, ref.float(), atol=1e-4, rtol=1e-4)
+    for fn in (deform_conv_nd, deform_conv_reference):  # lean Function and autograd reference
+        out = fn(x, off, w, b, s, p, d, mask)
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+        # mask=None means unit modulation (DCNv1); fp32 path
+        out32 = fn(x.float(), off.float(), w.float(), b.float(), s, p, d, None)
+        torch.testing.assert_close(out32, ref.float(), atol=1e-4, rtol=1e-4)
+    # the lean Function's input and weight gradients equal the dense conv's (offsets 0, mask 1)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    gout = torch.randn(ref.shape, dtype=torch.float64)
+    g_lean = torch.autograd.grad((deform_conv_nd(xr, off, wr, b, s, p, d, mask) * gout).sum(), [xr, wr])
+    g_conv = torch.autograd.grad((CONV[dim](xr, wr, b, s, p, d, g) * gout).sum(), [xr, wr])
+    for u, v in zip(g_lean, g_conv):
+        torch.testing.assert_close(u, v, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("shift", [-1, 1, 2])
@@ -260,39 +269,137 @@ def test_block_with_guide_tensor(dim):
 
 def test_deform_conv_module_backends_agree_2d():
     torch.manual_seed(9)
-    tv = DeformConv(4, 6, 3, dim=2, padding=1, groups=2)
+    tv = DeformConv(4, 6, 3, dim=2, padding=1, groups=2, backend="torchvision")
     gen = DeformConv(4, 6, 3, dim=2, padding=1, groups=2, backend="generic")
     gen.load_state_dict(tv.state_dict())
-    assert tv.use_torchvision and not gen.use_torchvision
     x = torch.randn(2, 4, 6, 7)
     off = torch.randn(2, 2 * 2 * 9, 6, 7)  # 2 offset groups
     mask = torch.rand(2, 2 * 9, 6, 7)
     torch.testing.assert_close(gen(x, off, mask), tv(x, off, mask), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="2D"):
         DeformConv(4, 6, 3, dim=3, backend="torchvision")
+    with pytest.raises(ValueError, match="unknown backend"):
+        DeformConv(4, 6, 3, dim=2, backend="cudnn")
 
 
-def test_checkpointed_3d_equals_plain():
-    torch.manual_seed(10)
-    a = DeformConv(3, 4, 3, dim=3, padding=1)
-    c = DeformConv(3, 4, 3, dim=3, padding=1, checkpoint=True)
-    c.load_state_dict(a.state_dict())
-    x = torch.randn(1, 3, 5, 6, 4)
-    off = (torch.randn(1, 81, 5, 6, 4) * 0.7).requires_grad_()
-    mask = torch.rand(1, 27, 5, 6, 4).requires_grad_()
-    ya, yc = a(x, off, mask), c(x, off, mask)
-    torch.testing.assert_close(ya, yc)
-    ga = torch.autograd.grad(ya.square().sum(), [a.weight, off, mask])
-    gc = torch.autograd.grad(yc.square().sum(), [c.weight, off, mask])
-    for u, v in zip(ga, gc):
-        torch.testing.assert_close(u, v)
-    # explicit chunking (uneven last chunk), with and without checkpointing
-    for ckpt in (False, True):
-        y = deform_conv_nd(x, off, a.weight, a.bias, 1, 1, 1, mask, checkpoint=ckpt, kernel_chunk=5)
-        torch.testing.assert_close(y, ya)
-        g = torch.autograd.grad(y.square().sum(), [a.weight, off, mask])
-        for u, v in zip(ga, g):
-            torch.testing.assert_close(u, v)
+def test_auto_backend_choice():
+    """CPU: the lean PyTorch path in 2D and 3D (measured faster than torchvision's CPU kernels); the Triton kernels
+    are never picked on the CPU unless forced (and then refused without the interpreter)."""
+    assert resolve_backend("auto", 2, "cpu") == "generic"
+    assert resolve_backend("auto", 3, "cpu") == "generic"
+    assert resolve_backend("torchvision", 2, "cpu") == "torchvision"
+    import importlib.util
+    import os
+    if importlib.util.find_spec("triton") is None or not os.environ.get("TRITON_INTERPRET"):
+        with pytest.raises(RuntimeError, match="triton"):
+            resolve_backend("triton", 3, "cpu")
+
+
+# (dim, in_size, kernel, stride, padding, dilation, conv groups, offset groups, with mask)
+LEAN_CASES = [
+    (2, (7, 9), (3, 3), 1, 1, 1, 1, 1, True),
+    (2, (8, 9), (3, 2), (2, 1), (1, 0), (1, 2), 2, 1, True),
+    (2, (7, 9), (3, 3), 2, 2, 2, 2, 4, False),
+    (3, (5, 6, 7), (3, 3, 3), 1, 1, 1, 1, 1, True),
+    (3, (5, 6, 4), (3, 3, 3), 2, 1, 1, 2, 2, True),
+    (3, (6, 5, 7), (1, 3, 3), (1, 2, 1), (0, 1, 1), (1, 1, 2), 1, 2, False),
+    (3, (1, 6, 7), (3, 3, 3), 1, 1, 1, 1, 1, True),  # an axis of size 1 (padded internally)
+]
+
+
+@pytest.mark.parametrize("case", LEAN_CASES)
+@pytest.mark.parametrize("kernel_chunk", [None, 2])
+def test_lean_function_matches_reference_values_and_gradients(case, kernel_chunk):
+    """Random fractional offsets and masks: the lean Function (any chunking, uneven last chunk) equals the autograd
+    reference in the output and in the gradients of input, offsets, mask, weight and bias."""
+    dim, in_size, k, s, p, d, g, og, with_mask = case
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 4, *in_size, dtype=torch.float64, generator=gen)
+    w = torch.randn(6, 4 // g, *k, dtype=torch.float64, generator=gen)
+    b = torch.randn(6, dtype=torch.float64, generator=gen)
+    out_size = _out_size(in_size, k, s, p, d)
+    K = w[0, 0].numel()
+    off = _random_fractional_offsets((2, dim * og * K, *out_size), gen=gen)
+    mask = torch.rand(2, og * K, *out_size, dtype=torch.float64, generator=gen) if with_mask else None
+    leaves = [t for t in (x, off, w, b, mask) if t is not None]
+    results = []
+    for fn in (lambda *a: deform_conv_nd(*a, kernel_chunk=kernel_chunk), deform_conv_reference):
+        ls = [t.clone().requires_grad_() for t in leaves]
+        m = ls[4] if with_mask else None
+        y = fn(ls[0], ls[1], ls[2], ls[3], s, p, d, m)
+        gout = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+        results.append([y] + list(torch.autograd.grad((y * gout).sum(), ls)))
+    for u, v in zip(*results):
+        torch.testing.assert_close(u, v, atol=1e-10, rtol=1e-10)
+    assert all(t.abs().sum() > 0 for t in results[0])
+
+
+def test_lean_function_keeps_only_its_inputs_for_backward():
+    """What autograd keeps for backward (``saved_tensors_hooks``), 3D 16->16, 12^3, k=3: the lean Function keeps
+    at most its inputs (input, offsets, mask, weight) + 10 %; the reference keeps the ``C_in * K * voxels`` samples."""
+    torch.manual_seed(14)
+    x = torch.randn(1, 16, 12, 12, 12, requires_grad=True)
+    w = torch.randn(16, 16, 3, 3, 3, requires_grad=True)
+    off = torch.randn(1, 81, 12, 12, 12, requires_grad=True)
+    mask = torch.rand(1, 27, 12, 12, 12, requires_grad=True)
+    inputs_bytes = sum(t.numel() * t.element_size() for t in (x, w, off, mask))
+
+    def saved_bytes(fn):
+        seen = {}
+
+        def pack(t):
+            seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(x, off, w, None, 1, 1, 1, mask)
+        return sum(seen.values())
+    lean, ref = saved_bytes(deform_conv_nd), saved_bytes(deform_conv_reference)
+    assert lean <= 1.1 * inputs_bytes, (lean, inputs_bytes)
+    assert ref > 2 * 16 * 27 * 12 ** 3 * 4  # plain and modulated samples
+    assert lean < ref / 5
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_gradcheck_lean_function(dim):
+    """Double-precision gradcheck of the lean Function w.r.t. input, offsets, mask and weight (tiny, stride 2 in
+    2D, two offset groups)."""
+    gen = torch.Generator().manual_seed(15)
+    in_size = (4, 5) if dim == 2 else (3, 3, 4)
+    k = (3, 2) if dim == 2 else (2, 2, 2)
+    stride, pad = (2, 1) if dim == 2 else 1, 1 if dim == 2 else (0, 1, 0)
+    x = torch.randn(1, 2, *in_size, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(3, 2, *k, dtype=torch.float64, generator=gen, requires_grad=True)
+    out_size = _out_size(in_size, k, stride, pad, 1)
+    K = w[0, 0].numel()
+    off = _random_fractional_offsets((1, dim * 2 * K, *out_size), gen=gen).requires_grad_()
+    mask = (torch.rand(1, 2 * K, *out_size, dtype=torch.float64, generator=gen) + 0.1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: deform_conv_nd(a[0], a[1], a[2], None, stride, pad, 1, a[3],
+                                                              kernel_chunk=3),
+                                    (x, off, w, mask), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_separable_predictor(dim):
+    """Depthwise k^N + 1x1 predictor: zero offsets and mask 0.5 at initialisation, about K times fewer weights than
+    the full predictor, and gradients reach both of its convs once its 1x1 conv is non-zero."""
+    torch.manual_seed(16)
+    full = ModulatedDeformConvBlock(8, 8, 3, dim, predictor="full")
+    sep = ModulatedDeformConvBlock(8, 8, 3, dim, predictor="separable")
+    K = 3 ** dim
+    assert full.offset_conv.weight.numel() == 8 * (dim + 1) * K * K
+    assert sum(p.numel() for p in sep.offset_conv.parameters()) == 8 * K + 8 + 8 * (dim + 1) * K + (dim + 1) * K
+    x = torch.randn(2, 8, *([6] * dim))
+    offset, mask = sep.predict_offset_and_mask(x)
+    assert offset.shape == (2, dim * K, *([6] * dim)) and offset.abs().max() == 0 and torch.all(mask == 0.5)
+    sep.dcn.load_state_dict(full.dcn.state_dict())
+    torch.testing.assert_close(sep(x), full(x))
+    with torch.no_grad():
+        sep.offset_conv[1].weight.normal_(0, 0.1)
+    sep(x).square().sum().backward()
+    for name, p in sep.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    with pytest.raises(ValueError, match="predictor"):
+        ModulatedDeformConvBlock(8, 8, 3, dim, predictor="tiny")
 
 
 def test_shape_errors_are_clear():
@@ -312,3 +419,14 @@ def test_low_precision_input_samples_in_fp32_and_returns_input_dtype():
     out = deform_conv_nd(x.bfloat16(), off.bfloat16(), w.bfloat16(), None, 1, 1, 1, m.bfloat16())
     assert out.dtype == torch.bfloat16
     assert ((out.float() - ref).abs().max() / ref.abs().max()) < 2e-2
+    # fp16 too, with gradients in the dtype of each input
+    leaves = [t.half().requires_grad_() for t in (x, off, w, m)]
+    out16 = deform_conv_nd(leaves[0], leaves[1], leaves[2], None, 1, 1, 1, leaves[3])
+    assert out16.dtype == torch.float16
+    assert ((out16.float() - ref).abs().max() / ref.abs().max()) < 2e-3
+    out16.float().square().sum().backward()
+    ref_leaves = [t.half().float().requires_grad_() for t in (x, off, w, m)]
+    deform_conv_nd(ref_leaves[0], ref_leaves[1], ref_leaves[2], None, 1, 1, 1, ref_leaves[3]).square().sum().backward()
+    for a, r in zip(leaves, ref_leaves):
+        assert a.grad.dtype == torch.float16
+        assert ((a.grad.float() - r.grad).abs().max() / r.grad.abs().max()) < 1e-2

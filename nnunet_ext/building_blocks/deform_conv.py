@@ -61,16 +61,24 @@ Offset / mask layout (identical to torchvision in 2D)
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint as _checkpoint
+from torch.autograd.function import once_differentiable
+
+from nnunet_ext.building_blocks.depthwise import DepthwiseConv3d
 
 IntOrSeq = Union[int, Sequence[int]]
 
-__all__ = ["deform_conv_nd", "DeformConv", "ModulatedDeformConvBlock", "deform_conv_output_size"]
+__all__ = ["deform_conv_nd", "deform_conv_reference", "DeformConv", "ModulatedDeformConvBlock",
+           "deform_conv_output_size", "resolve_backend", "BACKENDS", "PREDICTORS"]
+
+BACKENDS = ("auto", "generic", "torchvision", "triton")
+PREDICTORS = ("full", "separable")
+# kernel points per chunk of the lean path (measured, see the module docstring)
+DEFAULT_KERNEL_CHUNK = {2: 9, 3: 9}
 
 
 def _ntuple(v: IntOrSeq, n: int, name: str) -> Tuple[int, ...]:
@@ -82,6 +90,29 @@ def _ntuple(v: IntOrSeq, n: int, name: str) -> Tuple[int, ...]:
     return v
 
 
+class _Geometry(NamedTuple):
+    ksize: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    padding: Tuple[int, ...]
+    dilation: Tuple[int, ...]
+    in_size: Tuple[int, ...]
+    out_size: Tuple[int, ...]
+    G: int  # offset groups
+    groups: int  # conv groups
+
+    @property
+    def n(self) -> int:
+        return len(self.ksize)
+
+    @property
+    def K(self) -> int:
+        return math.prod(self.ksize)
+
+    @property
+    def L(self) -> int:
+        return math.prod(self.out_size)
+
+
 def deform_conv_output_size(in_size: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int],
                             padding: Sequence[int], dilation: Sequence[int]) -> Tuple[int, ...]:
     """Spatial output size of a (deformable) convolution, same formula as ``torch.nn.ConvNd``."""
@@ -89,44 +120,18 @@ def deform_conv_output_size(in_size: Sequence[int], kernel_size: Sequence[int], 
                  for i, k, s, p, d in zip(in_size, kernel_size, stride, padding, dilation))
 
 
-def deform_conv_nd(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
-                   bias: Optional[torch.Tensor] = None, stride: IntOrSeq = 1, padding: IntOrSeq = 0,
-                   dilation: IntOrSeq = 1, mask: Optional[torch.Tensor] = None, *,
-                   checkpoint: bool = False, kernel_chunk: Optional[int] = None) -> torch.Tensor:
-    """Modulated deformable convolution (DCNv2, Zhu et al. 2019) for 2D or 3D input, pure PyTorch.
-
-    Same signature and semantics as ``torchvision.ops.deform_conv2d`` (and the same offset/mask layout,
-    see the module docstring), generalised to N = 2 or 3 spatial dims.
-
-    Args:
-        input: ``(B, C_in, *in_size)``, N = 2 or 3 spatial dims.
-        offset: ``(B, N * G * K, *out_size)``; per kernel point the displacement along each spatial
-            axis in tensor order ((dy, dx) in 2D, (dz, dy, dx) in 3D), in voxels.
-        weight: ``(C_out, C_in / groups, *kernel_size)``; ``groups`` (conv groups) is inferred as
-            ``C_in // weight.shape[1]``, the number of offset groups ``G`` as
-            ``offset.shape[1] // (N * K)`` (like torchvision).
-        bias: ``(C_out,)`` or None.
-        stride, padding, dilation: int or one entry per spatial axis.
-        mask: ``(B, G * K, *out_size)`` modulation scalars (used as given), or None (= all ones, DCNv1).
-        checkpoint: if True (and grad is enabled) each chunk of kernel points is evaluated under
-            ``torch.utils.checkpoint``: nothing of size ``C_in * K * voxels`` is kept for backward and
-            the transient peak is that of one chunk; costs one extra sampling pass in backward.
-        kernel_chunk: kernel points per chunk (default: all K at once without checkpointing,
-            ``ceil(K / 3)`` with it). Chunks are summed; the result does not depend on the chunking
-            up to float rounding.
-
-    Returns:
-        ``(B, C_out, *out_size)`` in ``input``'s dtype.
-    """
+def _geometry(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, mask: Optional[torch.Tensor],
+              stride: IntOrSeq, padding: IntOrSeq, dilation: IntOrSeq) -> _Geometry:
+    """Validate the shapes (clear errors naming the problem) and return the geometry of the call."""
     n = input.dim() - 2
     if n not in (2, 3):
-        raise ValueError(f"deform_conv_nd supports 2 or 3 spatial dims, got input of shape {tuple(input.shape)}")
+        raise ValueError(f"deformable convolution supports 2 or 3 spatial dims, got input of shape "
+                         f"{tuple(input.shape)}")
     if weight.dim() != n + 2:
         raise ValueError(f"weight must have {n + 2} dims for {n}D input, got {tuple(weight.shape)}")
     stride = _ntuple(stride, n, "stride")
     padding = _ntuple(padding, n, "padding")
     dilation = _ntuple(dilation, n, "dilation")
-
     B, c_in = input.shape[:2]
     in_size = tuple(input.shape[2:])
     c_out, c_in_per_group = weight.shape[:2]
@@ -149,83 +154,238 @@ def deform_conv_nd(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tens
         raise ValueError(f"input channels {c_in} not divisible by offset groups {G}")
     if mask is not None and tuple(mask.shape) != (B, G * K, *out_size):
         raise ValueError(f"mask must have shape {(B, G * K, *out_size)}, got {tuple(mask.shape)}")
+    return _Geometry(ksize, stride, padding, dilation, in_size, out_size, G, groups)
 
-    # coordinates and sampling in fp32 (fp64 for double input)
-    cdtype = torch.promote_types(input.dtype, torch.float32)
-    x = input.to(cdtype)
-    # align_corners=True cannot address an axis of size 1; pad such axes with one zero voxel at the end
-    if any(s == 1 for s in in_size):
+
+def _sampling_input(input: torch.Tensor, geo: _Geometry) -> torch.Tensor:
+    """``input`` in the coordinate dtype (fp32, fp64 for double; no copy when it already is), with every axis of
+    size 1 zero-padded to size 2 (``align_corners=True`` cannot address an axis of size 1), viewed as
+    ``(B * G, C_in / G, *in)`` for ``grid_sample``."""
+    x = input.to(torch.promote_types(input.dtype, torch.float32))
+    if any(s == 1 for s in geo.in_size):
         pad = []
-        for s in reversed(in_size):
+        for s in reversed(geo.in_size):
             pad += [0, 1 if s == 1 else 0]
         x = F.pad(x, pad)
+    return x.reshape(x.shape[0] * geo.G, x.shape[1] // geo.G, *x.shape[2:])
 
-    checkpoint = checkpoint and torch.is_grad_enabled()
+
+def _grid_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per-axis factor (tensor order) of the ``align_corners=True`` normalisation: -1 <-> 0, +1 <-> size - 1."""
+    return torch.tensor([2.0 / (s - 1) for s in x.shape[2:]], device=x.device, dtype=x.dtype)
+
+
+def _sampling_grid(x: torch.Tensor, offset: torch.Tensor, k0: int, k1: int, geo: _Geometry) -> torch.Tensor:
+    """``grid_sample`` grid of kernel points ``k0 .. k1-1``, shape ``(B * G, Kc * out[0], *out[1:], N)``, last axis
+    ordered (x, y[, z]): position ``o * stride - padding + dilation * k + offset_k`` normalised for
+    ``align_corners=True`` (``x`` is the prepared input of ``_sampling_input``). One fused pass per axis: the
+    normalised regular position (a small broadcastable tensor) plus ``scale * offset`` written into the grid."""
+    n, K, Kc, out_size = geo.n, geo.K, k1 - k0, geo.out_size
+    cdtype, device = x.dtype, x.device
+    kidx = torch.stack(torch.meshgrid(*[torch.arange(k, device=device, dtype=cdtype) for k in geo.ksize],
+                                      indexing="ij"), dim=-1).reshape(K, n)[k0:k1]
+    B = offset.shape[0]
+    off = offset.reshape(B, geo.G, K, n, *out_size)[:, :, k0:k1]
+    terms = []  # per axis (normalised regular position, scale)
+    for a in range(n):
+        scale = 2.0 / (x.shape[2 + a] - 1)
+        o = torch.arange(out_size[a], device=device, dtype=cdtype) * geo.stride[a] - geo.padding[a]
+        view = [1] * n
+        view[a] = out_size[a]
+        terms.append(((o.view(1, *view) + geo.dilation[a] * kidx[:, a].view(Kc, *([1] * n))) * scale - 1, scale))
+    if torch.is_grad_enabled() and offset.requires_grad:  # the autograd reference
+        grid = torch.stack([base + scale * off[:, :, :, a] for a, (base, scale) in reversed(list(enumerate(terms)))],
+                           dim=-1)
+        return grid.view(B * geo.G, Kc * out_size[0], *out_size[1:], n)
+    # one contiguous plane per axis (grid_sample reads the grid through its strides): no strided writes
+    planes = torch.empty(B * geo.G, n, Kc, *out_size, device=device, dtype=cdtype)
+    for a, (base, scale) in enumerate(terms):
+        torch.add(base, off[:, :, :, a], alpha=scale, out=planes[:, n - 1 - a].view(B, geo.G, Kc, *out_size))
+    return planes.view(B * geo.G, n, Kc * out_size[0], *out_size[1:]).movedim(1, -1)
+
+
+def _mask_chunk(mask: torch.Tensor, k0: int, k1: int, geo: _Geometry, dtype: torch.dtype) -> torch.Tensor:
+    """Modulation of kernel points ``k0 .. k1-1`` as ``(B, G, 1, Kc, L)`` (broadcasts over the channels)."""
+    return mask.reshape(mask.shape[0], geo.G, 1, geo.K, geo.L)[:, :, :, k0:k1].to(dtype)
+
+
+def _weight_chunk(weight: torch.Tensor, k0: int, k1: int, geo: _Geometry, dtype: torch.dtype) -> torch.Tensor:
+    """Kernel of points ``k0 .. k1-1`` as ``(groups, C_out / groups, C_in / groups * Kc)`` (channel-major)."""
+    c_out, cpg = weight.shape[:2]
+    return weight.flatten(2)[:, :, k0:k1].reshape(geo.groups, c_out // geo.groups, cpg * (k1 - k0)).to(dtype)
+
+
+def _chunks(K: int, kernel_chunk: int):
+    return [(k0, min(K, k0 + kernel_chunk)) for k0 in range(0, K, kernel_chunk)]
+
+
+class _DeformConvFunction(torch.autograd.Function):
+    """Memory-lean DCNv2 (Eq. 3) as one autograd node: saves only input, offset, mask and weight.
+
+    Forward, per chunk of kernel points: one ``grid_sample`` call samples all the chunk's points
+    (``(B, G, C_in / G, Kc, L)``), the modulation multiplies them in place, a batched matmul contracts them with the
+    chunk's kernel into the output. Backward, per chunk: the samples are recomputed (one ``grid_sample`` call),
+    ``dcols = W_chunk^T @ grad_out``; ``grad_mask = sum_c dcols * samples``; ``grad_W += grad_out @ (mask *
+    samples)^T``; ``aten.grid_sampler_{2,3}d_backward(mask * dcols)`` gives grad_input and the grid gradient, which
+    the inverse normalisation turns into grad_offset. The transient memory is that of one chunk."""
+
+    @staticmethod
+    def forward(ctx, input, offset, mask, weight, geo: _Geometry, kernel_chunk: int):
+        x = _sampling_input(input, geo)
+        B = input.shape[0]
+        c_out, cpg = weight.shape[:2]
+        out = torch.zeros(B, geo.groups, c_out // geo.groups, geo.L, dtype=x.dtype, device=x.device)
+        for k0, k1 in _chunks(geo.K, kernel_chunk):
+            grid = _sampling_grid(x, offset, k0, k1, geo)
+            s = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+            s = s.view(B, geo.G, -1, k1 - k0, geo.L)
+            if mask is not None:
+                s.mul_(_mask_chunk(mask, k0, k1, geo, x.dtype))
+            cols = s.view(B, geo.groups, cpg * (k1 - k0), geo.L)
+            out += torch.matmul(_weight_chunk(weight, k0, k1, geo, x.dtype), cols)
+        ctx.save_for_backward(input, offset, mask, weight)
+        ctx.geo, ctx.kernel_chunk = geo, kernel_chunk
+        return out.view(B, c_out, *geo.out_size).to(input.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        input, offset, mask, weight = ctx.saved_tensors
+        geo = ctx.geo
+        need_x, need_off, need_mask, need_w = ctx.needs_input_grad[:4]
+        x = _sampling_input(input, geo)
+        B, cdtype = input.shape[0], x.dtype
+        c_out, cpg = weight.shape[:2]
+        g = grad_out.to(cdtype).reshape(B, geo.groups, c_out // geo.groups, geo.L)
+        sampler_backward = (torch.ops.aten.grid_sampler_2d_backward if geo.n == 2
+                            else torch.ops.aten.grid_sampler_3d_backward)
+        grad_x = torch.zeros_like(x) if need_x else None
+        grad_off = offset.new_empty(B, geo.G, geo.K, geo.n, *geo.out_size, dtype=cdtype) if need_off else None
+        grad_mask = mask.new_empty(B, geo.G, geo.K, geo.L, dtype=cdtype) if need_mask else None
+        grad_w = weight.new_empty(geo.groups, c_out // geo.groups, cpg, geo.K, dtype=cdtype) if need_w else None
+        scale = _grid_scale(x)
+        for k0, k1 in _chunks(geo.K, ctx.kernel_chunk):
+            Kc = k1 - k0
+            grid = _sampling_grid(x, offset, k0, k1, geo)
+            s = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+            s = s.view(B, geo.G, -1, Kc, geo.L)
+            dcols = torch.matmul(_weight_chunk(weight, k0, k1, geo, cdtype).transpose(1, 2), g)
+            dcols = dcols.view(B, geo.G, -1, Kc, geo.L)
+            if mask is not None:
+                m = _mask_chunk(mask, k0, k1, geo, cdtype)
+                if need_mask:
+                    grad_mask[:, :, k0:k1] = torch.linalg.vecdot(dcols, s, dim=2)
+                s.mul_(m)
+                dcols.mul_(m)
+            if need_w:
+                cols = s.view(B, geo.groups, cpg * Kc, geo.L)
+                grad_w[..., k0:k1] = torch.matmul(g, cols.transpose(2, 3)).sum(0).view(geo.groups, -1, cpg, Kc)
+            if need_x or need_off:
+                gi, gg = sampler_backward(dcols.view(B * geo.G, -1, Kc * geo.out_size[0], *geo.out_size[1:]),
+                                          x, grid, 0, 0, True, [need_x, True])
+                if need_x:
+                    grad_x += gi
+                if need_off:
+                    gg = gg.view(B, geo.G, Kc, *geo.out_size, geo.n)
+                    for a in range(geo.n):
+                        torch.mul(gg[..., geo.n - 1 - a], scale[a], out=grad_off[:, :, k0:k1, a])
+        if need_x:
+            grad_x = grad_x.view(B, -1, *grad_x.shape[2:])[(..., *[slice(0, s) for s in geo.in_size])]
+            grad_x = grad_x.to(input.dtype)
+        if need_off:
+            grad_off = grad_off.view_as(offset).to(offset.dtype)
+        if need_mask:
+            grad_mask = grad_mask.view_as(mask).to(mask.dtype)
+        if need_w:
+            grad_w = grad_w.view(geo.groups, c_out // geo.groups, cpg, *geo.ksize).reshape_as(weight)
+            grad_w = grad_w.to(weight.dtype)
+        return grad_x, grad_off, grad_mask, grad_w, None, None
+
+
+def deform_conv_nd(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
+                   bias: Optional[torch.Tensor] = None, stride: IntOrSeq = 1, padding: IntOrSeq = 0,
+                   dilation: IntOrSeq = 1, mask: Optional[torch.Tensor] = None, *,
+                   kernel_chunk: Optional[int] = None) -> torch.Tensor:
+    """Modulated deformable convolution (DCNv2, Zhu et al. 2019, Eq. 3) for 2D or 3D input: the memory-lean
+    pure-PyTorch path (``_DeformConvFunction``).
+
+    Same signature and semantics as ``torchvision.ops.deform_conv2d`` (and the same offset/mask layout, see the
+    module docstring), generalised to N = 2 or 3 spatial dims.
+
+    Args:
+        input: ``(B, C_in, *in_size)``, N = 2 or 3 spatial dims.
+        offset: ``(B, N * G * K, *out_size)``; per kernel point the displacement along each spatial
+            axis in tensor order ((dy, dx) in 2D, (dz, dy, dx) in 3D), in voxels.
+        weight: ``(C_out, C_in / groups, *kernel_size)``; ``groups`` (conv groups) is inferred as
+            ``C_in // weight.shape[1]``, the number of offset groups ``G`` as
+            ``offset.shape[1] // (N * K)`` (like torchvision).
+        bias: ``(C_out,)`` or None.
+        stride, padding, dilation: int or one entry per spatial axis.
+        mask: ``(B, G * K, *out_size)`` modulation scalars (used as given), or None (= all ones, DCNv1).
+        kernel_chunk: kernel points sampled per chunk (default ``DEFAULT_KERNEL_CHUNK[N]``): the transient memory is
+            about ``2 * C_in * kernel_chunk * output voxels``; the result does not depend on it up to float rounding.
+
+    Returns:
+        ``(B, C_out, *out_size)`` in ``input``'s dtype.
+    """
+    geo = _geometry(input, offset, weight, mask, stride, padding, dilation)
     if kernel_chunk is None:
-        kernel_chunk = -(-K // 3) if checkpoint else K
-    kernel_chunk = max(1, min(int(kernel_chunk), K))
-    geometry = (ksize, stride, padding, dilation, out_size, G, groups)
-    out = None
-    for k0 in range(0, K, kernel_chunk):
-        k1 = min(K, k0 + kernel_chunk)
-        if checkpoint:
-            part = _checkpoint(_deform_conv_kernel_points, x, offset, mask, weight, k0, k1, geometry,
-                               use_reentrant=False)
-        else:
-            part = _deform_conv_kernel_points(x, offset, mask, weight, k0, k1, geometry)
-        out = part if out is None else out + part
+        kernel_chunk = DEFAULT_KERNEL_CHUNK[geo.n]
+    kernel_chunk = max(1, min(int(kernel_chunk), geo.K))
+    out = _DeformConvFunction.apply(input, offset, mask, weight, geo, kernel_chunk)
     if bias is not None:
-        out = out + bias.to(out.dtype).view(1, c_out, *([1] * n))
+        out = out + bias.to(out.dtype).view(1, -1, *([1] * geo.n))
+    return out
+
+
+def deform_conv_reference(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
+                          bias: Optional[torch.Tensor] = None, stride: IntOrSeq = 1, padding: IntOrSeq = 0,
+                          dilation: IntOrSeq = 1, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """DCNv2 (Eq. 3) by plain autograd: all ``C_in * K * voxels`` samples in one ``grid_sample`` call, modulated and
+    contracted with the kernel by a batched matmul; autograd keeps the samples (twice: plain and modulated) for
+    backward. The reference the tests compare ``deform_conv_nd`` (and the Triton kernels) against; same arguments."""
+    geo = _geometry(input, offset, weight, mask, stride, padding, dilation)
+    x = _sampling_input(input, geo)
+    B = input.shape[0]
+    c_out, cpg = weight.shape[:2]
+    grid = _sampling_grid(x, offset, 0, geo.K, geo)
+    s = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True).view(B, geo.G, -1, geo.K,
+                                                                                                geo.L)
+    if mask is not None:
+        s = s * _mask_chunk(mask, 0, geo.K, geo, x.dtype)
+    out = torch.matmul(_weight_chunk(weight, 0, geo.K, geo, x.dtype), s.reshape(B, geo.groups, cpg * geo.K, geo.L))
+    out = out.reshape(B, c_out, *geo.out_size)
+    if bias is not None:
+        out = out + bias.to(out.dtype).view(1, c_out, *([1] * geo.n))
     return out.to(input.dtype)
 
 
-def _deform_conv_kernel_points(x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor],
-                               weight: torch.Tensor, k0: int, k1: int, geometry: tuple) -> torch.Tensor:
-    """Contribution of kernel points ``k0 .. k1-1`` (flattened kernel order), without bias.
-    ``x`` is already in the coordinate dtype and padded (size-1 axes); shapes are validated."""
-    ksize, stride, padding, dilation, out_size, G, groups = geometry
-    n = len(ksize)
-    K = math.prod(ksize)
-    Kc = k1 - k0
-    B, c_in = x.shape[:2]
-    in_size = tuple(x.shape[2:])
-    c_out, c_in_per_group = weight.shape[:2]
-    cdtype, device = x.dtype, x.device
+def resolve_backend(backend: str, dim: int, device: Union[str, torch.device]) -> str:
+    """The implementation ``backend`` stands for on ``device`` for ``dim``-D input.
 
-    # regular sampling grid: position along axis a of kernel point k at output index o
-    # base[k, *o, a] = o_a * stride_a - padding_a + dilation_a * k_a
-    kidx = torch.stack(torch.meshgrid(*[torch.arange(k, device=device, dtype=cdtype) for k in ksize],
-                                      indexing="ij"), dim=-1).reshape(K, n)[k0:k1]
-    axes = []
-    for a in range(n):
-        o = torch.arange(out_size[a], device=device, dtype=cdtype) * stride[a] - padding[a]
-        view = [1] * n
-        view[a] = out_size[a]
-        pos = o.view(1, *view) + dilation[a] * kidx[:, a].view(Kc, *([1] * n))
-        axes.append(pos.expand(Kc, *out_size))
-    base = torch.stack(axes, dim=-1)  # (Kc, *out, n)
-
-    off = offset.reshape(B, G, K, n, *out_size)[:, :, k0:k1].to(cdtype).movedim(3, -1)  # (B, G, Kc, *out, n)
-    # normalise for align_corners=True: -1 <-> voxel 0, +1 <-> voxel size-1
-    scale = torch.tensor([2.0 / (s - 1) for s in in_size], device=device, dtype=cdtype)
-    grid = off + base
-    grid = grid.mul_(scale).sub_(1)
-    grid = grid.flip(-1)  # grid_sample wants (x=W, y=H, z=D), tensors are (D, H, W)
-    grid = grid.reshape(B * G, Kc * out_size[0], *out_size[1:], n)
-
-    sampled = F.grid_sample(x.reshape(B * G, c_in // G, *in_size), grid, mode="bilinear",
-                            padding_mode="zeros", align_corners=True)
-    sampled = sampled.view(B, G, c_in // G, Kc, *out_size)
-    if mask is not None:
-        m = mask.reshape(B, G, K, *out_size)[:, :, k0:k1].to(cdtype)
-        sampled = sampled * m.unsqueeze(2)
-
-    L = math.prod(out_size)
-    # channels are ordered (G, C_in/G) == (groups, C_in/groups): contiguous C_in, then Kc
-    cols = sampled.reshape(B, groups, c_in_per_group * Kc, L)
-    w = weight.flatten(2)[:, :, k0:k1].reshape(groups, c_out // groups, c_in_per_group * Kc).to(cols.dtype)
-    out = torch.matmul(w.unsqueeze(0), cols)  # (B, groups, C_out/groups, L)
-    return out.reshape(B, c_out, *out_size)
+    ``'auto'`` (by measurement, ``benchmarks/deform_conv_and_lfam.py``): CUDA with triton importable -> ``'triton'``
+    (``deform_conv_triton``); CUDA without triton -> ``'torchvision'`` in 2D (compiled CUDA kernels), ``'generic'`` in
+    3D; CPU -> ``'generic'`` in 2D and 3D (the lean PyTorch path: torchvision's CPU backward is naive, measured at
+    several times the generic path; the Triton kernels only run on CPU under the interpreter, for tests).
+    Explicit names are checked: ``'torchvision'`` is 2D only, ``'triton'`` needs triton and a CUDA tensor (or
+    ``TRITON_INTERPRET=1``)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}, expected one of {BACKENDS}")
+    if backend == "torchvision" and dim != 2:
+        raise ValueError("torchvision only implements 2D deformable convolution; use backend='generic' or 'auto'")
+    device = torch.device(device)
+    if backend == "triton" or (backend == "auto" and device.type == "cuda"):
+        from nnunet_ext.building_blocks.deform_conv_triton import triton_deform_conv_available
+        available = triton_deform_conv_available(device)
+        if backend == "triton":
+            if not available:
+                raise RuntimeError(f"backend='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 on the "
+                                   f"CPU); not available for device {device}")
+            return "triton"
+        if available:
+            return "triton"
+        return "torchvision" if dim == 2 else "generic"
+    return "generic" if backend == "auto" else backend
 
 
 class DeformConv(nn.Module):
@@ -236,24 +396,24 @@ class DeformConv(nn.Module):
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as in ``nn.ConvNd``.
         dim: 2 or 3.
-        backend: ``'auto'`` (2D: ``torchvision.ops.deform_conv2d``, 3D: ``deform_conv_nd``),
-            ``'torchvision'`` (2D only) or ``'generic'`` (``deform_conv_nd`` also in 2D).
-        checkpoint: generic path only: chunked + checkpointed evaluation (see ``deform_conv_nd``).
+        backend: one of ``BACKENDS``; ``'auto'`` picks per call from the input's device (``resolve_backend``),
+            ``'generic'`` is the lean PyTorch path (``deform_conv_nd``), ``'torchvision'``
+            (``torchvision.ops.deform_conv2d``, 2D only), ``'triton'`` (``deform_conv_triton``).
     Offset groups are not a constructor argument: as in torchvision they follow from the channel
     count of the offset tensor passed to ``forward``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrSeq, dim: int,
                  stride: IntOrSeq = 1, padding: IntOrSeq = 0, dilation: IntOrSeq = 1, groups: int = 1,
-                 bias: bool = True, backend: str = "auto", checkpoint: bool = False):
+                 bias: bool = True, backend: str = "auto"):
         super().__init__()
         if dim not in (2, 3):
             raise ValueError(f"dim must be 2 or 3, got {dim}")
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels {in_channels} and out_channels {out_channels} must be divisible "
                              f"by groups {groups}")
-        if backend not in ("auto", "torchvision", "generic"):
-            raise ValueError(f"unknown backend {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}, expected one of {BACKENDS}")
         if backend == "torchvision" and dim != 2:
             raise ValueError("torchvision only implements 2D deformable convolution; use backend='generic'")
         self.dim = dim
@@ -264,8 +424,7 @@ class DeformConv(nn.Module):
         self.padding = _ntuple(padding, dim, "padding")
         self.dilation = _ntuple(dilation, dim, "dilation")
         self.groups = groups
-        self.use_torchvision = dim == 2 and backend in ("auto", "torchvision")
-        self.checkpoint = checkpoint
+        self.backend = backend
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         self.reset_parameters()
@@ -286,18 +445,20 @@ class DeformConv(nn.Module):
         return deform_conv_output_size(in_size, self.kernel_size, self.stride, self.padding, self.dilation)
 
     def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.use_torchvision:
+        backend = resolve_backend(self.backend, self.dim, x.device)
+        args = (x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        if backend == "torchvision":
             from torchvision.ops import deform_conv2d
-            return deform_conv2d(x, offset, self.weight, self.bias, stride=self.stride, padding=self.padding,
-                                 dilation=self.dilation, mask=mask)
-        return deform_conv_nd(x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask,
-                              checkpoint=self.checkpoint)
+            return deform_conv2d(*args, mask=mask)
+        if backend == "triton":
+            from nnunet_ext.building_blocks.deform_conv_triton import deform_conv_triton
+            return deform_conv_triton(*args, mask=mask)
+        return deform_conv_nd(*args, mask=mask)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, dim={self.dim}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-                f"bias={self.bias is not None}, backend={'torchvision' if self.use_torchvision else 'generic'}"
-                f"{', checkpoint=True' if self.checkpoint else ''}")
+                f"bias={self.bias is not None}, backend={self.backend!r}")
 
 
 class ModulatedDeformConvBlock(nn.Module):
@@ -308,13 +469,19 @@ class ModulatedDeformConvBlock(nn.Module):
         offset, mask = om[:, :N*G*K], sigmoid(om[:, N*G*K:])      # layout as in the module docstring
         return DeformConv(x, offset, mask)
 
-    The offset conv is a regular ``nn.ConvNd`` with the deformable conv's kernel size, stride, padding
-    and dilation, so ``guide`` must have the spatial size of ``x``. Its weight and bias are
-    zero-initialised: at initialisation the sampling grid is the regular one and the modulation is a
-    uniform 0.5, i.e. the block is a plain conv with half the kernel. With ``zero_init_weight=True``
-    the deformable kernel (and bias) start at zero too, so the block outputs exactly 0 (used for
-    residual branches such as LFAM); note that then the offset conv and the mask receive a zero
-    gradient until the kernel has become non-zero (their gradient is proportional to the kernel).
+    Predictor (``predictor``):
+        ``'full'``: ``offset_conv`` is a regular ``nn.ConvNd`` with the deformable conv's kernel size, stride,
+            padding and dilation (DCNv2's design): ``guide_channels * (N + 1) * G * K * K`` multiply-adds per voxel.
+        ``'separable'``: ``offset_conv`` is ``Sequential(depthwise k^N conv, 1x1 conv)`` (same kernel size, stride,
+            padding and dilation on the depthwise part; ``DepthwiseConv3d`` in 3D): ``guide_channels * (K + (N + 1)
+            * G * K)`` multiply-adds per voxel, i.e. about K times fewer (an interpretation: a depthwise-separable
+            factorisation of the same receptive field; not in DCNv2).
+    So ``guide`` must have the spatial size of ``x``. The predictor's last conv has zero weight and bias: at
+    initialisation the sampling grid is the regular one and the modulation is a uniform 0.5, i.e. the block is a
+    plain conv with half the kernel. With ``zero_init_weight=True`` the deformable kernel (and bias) start at zero
+    too, so the block outputs exactly 0 (used for residual branches such as LFAM); note that then the predictor and
+    the mask receive a zero gradient until the kernel has become non-zero (their gradient is proportional to the
+    kernel).
 
     Args:
         in_channels, out_channels, kernel_size, stride, dilation, groups, bias: of the deformable conv.
@@ -323,43 +490,57 @@ class ModulatedDeformConvBlock(nn.Module):
         offset_groups: deformable groups G (``in_channels`` must be divisible by it).
         guide_channels: channels of the tensor the offsets are predicted from (default ``in_channels``).
         zero_init_weight: zero-initialise the deformable kernel and bias.
-        backend, checkpoint: see ``DeformConv``.
+        backend: see ``DeformConv``.
+        predictor: ``'full'`` (default) or ``'separable'``, see above.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrSeq, dim: int,
                  stride: IntOrSeq = 1, padding: Optional[IntOrSeq] = None, dilation: IntOrSeq = 1,
                  groups: int = 1, offset_groups: int = 1, bias: bool = True,
                  guide_channels: Optional[int] = None, zero_init_weight: bool = False,
-                 backend: str = "auto", checkpoint: bool = False):
+                 backend: str = "auto", predictor: str = "full"):
         super().__init__()
         if dim not in (2, 3):
             raise ValueError(f"dim must be 2 or 3, got {dim}")
         if offset_groups < 1 or in_channels % offset_groups:
             raise ValueError(f"in_channels {in_channels} must be divisible by offset_groups {offset_groups}")
+        if predictor not in PREDICTORS:
+            raise ValueError(f"unknown predictor {predictor!r}, expected one of {PREDICTORS}")
         ks = _ntuple(kernel_size, dim, "kernel_size")
         dil = _ntuple(dilation, dim, "dilation")
         if padding is None:
             padding = tuple(d * (k - 1) // 2 for k, d in zip(ks, dil))
         self.dim = dim
         self.offset_groups = offset_groups
+        self.predictor = predictor
         self.dcn = DeformConv(in_channels, out_channels, ks, dim, stride, padding, dil, groups, bias,
-                              backend=backend, checkpoint=checkpoint)
+                              backend=backend)
         K = self.dcn.num_kernel_points
         self.n_offset_channels = dim * offset_groups * K
         self.n_mask_channels = offset_groups * K
         conv_op = nn.Conv2d if dim == 2 else nn.Conv3d
         self.guide_channels = in_channels if guide_channels is None else guide_channels
-        self.offset_conv = conv_op(self.guide_channels, self.n_offset_channels + self.n_mask_channels, ks,
-                                   stride=self.dcn.stride, padding=self.dcn.padding, dilation=self.dcn.dilation,
-                                   bias=True)
+        n_pred = self.n_offset_channels + self.n_mask_channels
+        geometry = dict(stride=self.dcn.stride, padding=self.dcn.padding, dilation=self.dcn.dilation)
+        if predictor == "full":
+            self.offset_conv = conv_op(self.guide_channels, n_pred, ks, bias=True, **geometry)
+        elif dim == 3:
+            self.offset_conv = nn.Sequential(DepthwiseConv3d(self.guide_channels, ks, **geometry),
+                                             conv_op(self.guide_channels, n_pred, 1))
+        else:
+            self.offset_conv = nn.Sequential(conv_op(self.guide_channels, self.guide_channels, ks,
+                                                     groups=self.guide_channels, **geometry),
+                                             conv_op(self.guide_channels, n_pred, 1))
         self.reset_offset_predictor()
         if zero_init_weight:
             self.zero_init_weight()
 
     def reset_offset_predictor(self) -> None:
-        """Zero offsets (regular grid) and mask logits 0 (mask 0.5) at initialisation."""
-        nn.init.zeros_(self.offset_conv.weight)
-        nn.init.zeros_(self.offset_conv.bias)
+        """Zero offsets (regular grid) and mask logits 0 (mask 0.5) at initialisation: the predictor's last conv
+        has zero weight and bias."""
+        last = self.offset_conv if self.predictor == "full" else self.offset_conv[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def zero_init_weight(self) -> None:
         nn.init.zeros_(self.dcn.weight)
