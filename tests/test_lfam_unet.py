@@ -114,9 +114,10 @@ def test_shapes_ds_on_off_and_identity_at_init(arch, dim, offset_source):
 
 
 @pytest.mark.parametrize("arch,dim", CONFIGS, ids=IDS)
-def test_backward_every_parameter_gets_gradient(arch, dim):
+@pytest.mark.parametrize("predictor", ["separable", "full"])
+def test_backward_every_parameter_gets_gradient(arch, dim, predictor):
     torch.manual_seed(0)
-    net = LFAMUNet(build_base(arch, dim, ds=True))
+    net = LFAMUNet(build_base(arch, dim, ds=True), predictor=predictor)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     x = torch.randn(2, 1, *patch(dim))
     target = [torch.randn_like(o) for o in net(x)]
@@ -140,7 +141,15 @@ def test_backward_every_parameter_gets_gradient(arch, dim):
             assert "offset_conv" in n and v == 0, n
     opt.step()
     g1 = step()
+    # second step: the kernel is non-zero, so the predictor's last conv moves; the separable predictor's depthwise
+    # conv sits behind that (zero-initialised) 1x1 conv and gets its first non-zero gradient one step later
     for n, v in g1.items():
+        if predictor == "separable" and "offset_conv.0." in n:
+            assert v == 0, n
+        else:
+            assert v > 0, n
+    opt.step()
+    for n, v in step().items():
         assert v > 0, n
 
 
@@ -149,7 +158,7 @@ def test_decoder_guided_offsets_get_gradients(dim):
     net = LFAMUNet(build_base(PLAIN, dim), offset_source="skip_and_decoder")
     for lvl, m in net.lfam.items():
         c = net.encoder.output_channels[int(lvl)]
-        assert m.dcn_block.offset_conv.in_channels == 2 * c
+        assert m.dcn_block.guide_channels == 2 * c
     randomise_lfam(net, scale=0.1)
     x = torch.randn(1, 1, *patch(dim))
     sum(o.square().mean() for o in net(x)).backward()
@@ -161,7 +170,8 @@ def test_independent_weights_per_level():
     net = LFAMUNet(build_base(PLAIN, 3))
     assert net.lfam_levels == (0, 1, 2)
     ptrs = [p.data_ptr() for p in net.lfam.parameters()]
-    assert len(ptrs) == len(set(ptrs)) == 3 * 3  # 3 levels x (dcn weight, offset weight, offset bias)
+    # 3 levels x (dcn weight, depthwise weight and bias, 1x1 weight and bias of the separable predictor)
+    assert len(ptrs) == len(set(ptrs)) == 3 * 5
     # channels and kernels follow the plan per level: (1,3,3) at full resolution, 3x3x3 below
     assert tuple(net.lfam["0"].dcn_block.dcn.weight.shape) == (4, 4, 1, 3, 3)
     assert tuple(net.lfam["1"].dcn_block.dcn.weight.shape) == (8, 8, 3, 3, 3)
@@ -257,7 +267,9 @@ def test_lfam_module_is_identity_at_init_and_feature_map_size():
     m = LFAM(6, 3, kernel_size=3)
     x = torch.randn(1, 6, 4, 5, 6)
     assert torch.equal(m(x), x)
-    # estimate: offset/mask out 4*27, sigmoid mask 27, DCN out + sum 2*6, grid 3*27, samples 2*6*27
-    assert m.feature_map_size((4, 5, 6)) == (108 + 27 + 12 + 81 + 324) * 120
+    # estimate: offset/mask out 4*27, sigmoid mask 27, DCN out + sum 2*6, depthwise output of the separable
+    # predictor 6; the lean DCN keeps no samples
+    assert m.feature_map_size((4, 5, 6)) == (108 + 27 + 12 + 6) * 120
+    assert LFAM(6, 3, kernel_size=3, predictor="full").feature_map_size((4, 5, 6)) == (108 + 27 + 12) * 120
     with pytest.raises(ValueError, match="odd"):
         LFAM(6, 2, kernel_size=2)

@@ -39,9 +39,12 @@ Zero-initialisation (the network starts as the plain U-Net)
 Levels
     Level i is the encoder output at stage i (0 = full resolution); the bottleneck (last stage) is
     not a skip. ``levels`` (explicit list) and/or ``min_level`` restrict LFAM to some skips; the
-    full-resolution 3D level dominates time and memory of the pure-PyTorch 3D DCN (it materialises
-    C * K * voxels samples, K = 27 for 3x3x3), so ``min_level=1`` is the memory-bounded choice.
-    ``checkpoint=True`` recomputes the 3D sampling in backward instead of storing it.
+    full-resolution level dominates LFAM's time and memory, so ``min_level=1`` is the cheaper choice.
+    The DCN is the memory-lean one (``deform_conv_nd``: only its inputs are kept for backward).
+
+Offset/mask predictor (``predictor``, see ``ModulatedDeformConvBlock``): ``'separable'`` (default: depthwise
+k^N conv + 1x1 conv, about K times fewer multiply-adds than the full k^N conv to (N + 1) * K channels, measured
+in ``benchmarks/deform_conv_and_lfam.py``) or ``'full'`` (DCNv2's regular conv).
 
 Kernel size of each LFAM: the plan's kernel size of that stage (e.g. (1, 3, 3) for anisotropic
 stages), or ``kernel_size`` if given. Supported bases: dynamic_network_architectures'
@@ -83,7 +86,7 @@ class LFAM(nn.Module):
 
     def __init__(self, channels: int, dim: int, kernel_size: Union[int, Sequence[int]] = 3,
                  offset_groups: int = 1, guide_channels: Optional[int] = None, backend: str = "auto",
-                 checkpoint: bool = False):
+                 predictor: str = "separable"):
         super().__init__()
         ks = maybe_convert_scalar_to_list(nn.Conv2d if dim == 2 else nn.Conv3d, kernel_size)
         if any(k % 2 == 0 for k in ks):
@@ -91,25 +94,21 @@ class LFAM(nn.Module):
         self.dcn_block = ModulatedDeformConvBlock(channels, channels, ks, dim, stride=1, padding=None,
                                                   dilation=1, groups=1, offset_groups=offset_groups, bias=False,
                                                   guide_channels=guide_channels, zero_init_weight=True,
-                                                  backend=backend, checkpoint=checkpoint)
+                                                  backend=backend, predictor=predictor)
 
     def forward(self, skip: torch.Tensor, guide: Optional[torch.Tensor] = None) -> torch.Tensor:
         return skip + self.dcn_block(skip, guide)
 
     def feature_map_size(self, spatial_size: Sequence[int]) -> np.int64:
         """Elements of the activations this module keeps per sample (estimate, for VRAM planning):
-        offset/mask conv output, sigmoid mask, DCN output, residual sum, and for the PyTorch path
-        (3D) the sampling grid, the samples and the modulated samples (C * K voxels each) unless
-        checkpointed."""
+        offset/mask conv output, sigmoid mask, DCN output, residual sum, the separable predictor's
+        depthwise output. The lean DCN keeps only its inputs (all counted here) for backward."""
         blk = self.dcn_block
-        dcn = blk.dcn
         vox = np.prod(spatial_size, dtype=np.int64)
-        K = dcn.num_kernel_points
-        c = dcn.in_channels
-        n = (blk.n_offset_channels + 2 * blk.n_mask_channels + 2 * dcn.out_channels) * vox
-        if not dcn.use_torchvision and not dcn.checkpoint:
-            n += (blk.n_offset_channels + 2 * c * K) * vox
-        return np.int64(n)
+        n = blk.n_offset_channels + 2 * blk.n_mask_channels + 2 * blk.dcn.out_channels
+        if blk.predictor == "separable":
+            n += blk.guide_channels
+        return np.int64(n * vox)
 
 
 def _resolve_levels(n_skips: int, levels: Optional[Iterable[int]], min_level: int) -> tuple:
@@ -135,14 +134,14 @@ class LFAMUNet(PlanUNetWrapper):
         offset_source: ``'skip'`` (default) or ``'skip_and_decoder'``, see the module docstring.
         offset_groups: deformable groups of every LFAM (each level's channels must be divisible).
         kernel_size: None = the plan's kernel size of each stage, else used for every level.
-        backend: ``'auto'`` (torchvision in 2D, PyTorch in 3D) or ``'generic'`` (PyTorch in 2D too).
-        checkpoint: recompute the PyTorch DCN's sampling in backward (memory for time).
+        backend: DCN backend, see ``nnunet_ext.building_blocks.deform_conv.resolve_backend``.
+        predictor: ``'separable'`` (default) or ``'full'`` offset/mask predictor.
     """
 
     def __init__(self, base: nn.Module, levels: Optional[Iterable[int]] = None, min_level: int = 0,
                  offset_source: str = "skip", offset_groups: int = 1,
                  kernel_size: Optional[Union[int, Sequence[int]]] = None, backend: str = "auto",
-                 checkpoint: bool = False):
+                 predictor: str = "separable"):
         super().__init__(base)
         if offset_source not in OFFSET_SOURCES:
             raise ValueError(f"offset_source must be one of {OFFSET_SOURCES}, got {offset_source!r}")
@@ -156,7 +155,7 @@ class LFAMUNet(PlanUNetWrapper):
             c = channels[lvl]
             self.lfam[str(lvl)] = LFAM(c, self.dim, ks, offset_groups=offset_groups,
                                        guide_channels=2 * c if offset_source == "skip_and_decoder" else c,
-                                       backend=backend, checkpoint=checkpoint)
+                                       backend=backend, predictor=predictor)
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         skips = self.encoder(x)
@@ -207,7 +206,7 @@ def build_lfam_unet_from_plans(plans_manager, configuration_manager, num_input_c
                                lfam_levels: Optional[Iterable[int]] = None, lfam_min_level: int = 0,
                                offset_source: str = "skip", offset_groups: int = 1,
                                kernel_size: Optional[Union[int, Sequence[int]]] = None,
-                               backend: str = "auto", checkpoint: bool = False) -> LFAMUNet:
+                               backend: str = "auto", predictor: str = "separable") -> LFAMUNet:
     """Build the plan's U-Net as nnU-Net does (``build_plan_network``)
     and wrap it in ``LFAMUNet``. Same first five arguments as
     ``nnUNetTrainer.build_network_architecture``; ``plans_manager`` is accepted for that symmetry and
@@ -216,4 +215,4 @@ def build_lfam_unet_from_plans(plans_manager, configuration_manager, num_input_c
                               enable_deep_supervision)
     return LFAMUNet(base, levels=lfam_levels, min_level=lfam_min_level, offset_source=offset_source,
                     offset_groups=offset_groups, kernel_size=kernel_size, backend=backend,
-                    checkpoint=checkpoint)
+                    predictor=predictor)

@@ -12,8 +12,7 @@ With Gradient-Optimized Dice Loss", IEEE SPL 2024).
 - ``nnUNetTrainerLFAMGODC_quick``, ``nnUNetTrainerGODC_quick``: a few iterations only, for smoke runs.
 
 GODC needs per-sample Dice, so its trainers use ``batch_dice=False`` whatever the plan says. The LFAM
-trainers recompute the 3D deformable sampling in backward instead of storing it (``checkpoint=True``:
-same result, about half the LFAM activation memory for a few percent more time).
+trainers use LFAM's defaults: the memory-lean DCN and the separable offset/mask predictor.
 """
 from nnunet_ext.architectures.lfam_unet import build_lfam_unet_from_plans
 from nnunet_ext.losses.godc import GODCDiceLoss
@@ -32,7 +31,7 @@ class nnUNetTrainerGODCOnly(nnUNetTrainerGODC):
 class nnUNetTrainerLFAM(nnUNetExtTrainer):
     """LFAM on the skips of every level (``lfam_min_level`` 0, as in the paper)."""
     network_factory = staticmethod(build_lfam_unet_from_plans)
-    network_kwargs = {"lfam_min_level": 0, "checkpoint": True}
+    network_kwargs = {"lfam_min_level": 0}
 
 
 class nnUNetTrainerLFAMGODC(nnUNetTrainerLFAM):
@@ -42,7 +41,7 @@ class nnUNetTrainerLFAMGODC(nnUNetTrainerLFAM):
 
 class nnUNetTrainerLFAMGODCCoarse(nnUNetTrainerLFAMGODC):
     """LFAM only on the skips below full resolution: bounds memory for large 3D patches."""
-    network_kwargs = {"lfam_min_level": 1, "checkpoint": True}
+    network_kwargs = {"lfam_min_level": 1}
 
 
 class nnUNetTrainerLFAMGODCPaper(nnUNetTrainerLFAMGODC):
