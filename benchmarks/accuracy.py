@@ -42,7 +42,7 @@ from nnunet_ext.evaluation.compare import _console_script, run_comparison
 BUDGET_TRAINERS = Path(__file__).resolve().parent / "trainers"
 BASELINE = "nnUNetTrainer"
 FOLD = 0
-PROGRESS_MARKERS = ("Epoch ", "train_loss", "Pseudo dice", "Epoch time")
+PROGRESS_MARKERS = ("Epoch ", "train_loss", "Pseudo dice", "Epoch time", " iterations, loss ")
 
 
 def _children_cpu_seconds() -> float:
@@ -92,10 +92,10 @@ class Method:
 
 
 METHODS: Dict[str, Method] = {
-    "dpcnet": Method("DPC-Net", "lits", "nnUNetTrainerDPCNet", 10, 20, "dpcnet-accuracy"),
-    "godc_lfam": Method("LFAM + GODC", "lits", "nnUNetTrainerLFAMGODC", 10, 20, "godc_lfam-accuracy"),
-    "scrnet": Method("SCRNet", "busi", "nnUNetTrainerSCRNet", 20, 25, "scrnet-accuracy"),
-    "dlkunet": Method("DLKUNet-S", "synapse", "nnUNetTrainerDLKUNetS", 20, 25, "dlkunet-accuracy"),
+    "dpcnet": Method("DPC-Net", "lits", "nnUNetTrainerDPCNet", 8, 15, "dpcnet-accuracy"),
+    "godc_lfam": Method("LFAM + GODC", "lits", "nnUNetTrainerLFAMGODC", 8, 15, "godc_lfam-accuracy"),
+    "scrnet": Method("SCRNet", "busi", "nnUNetTrainerSCRNet", 10, 15, "scrnet-accuracy"),
+    "dlkunet": Method("DLKUNet-S", "synapse", "nnUNetTrainerDLKUNetS", 10, 15, "dlkunet-accuracy"),
 }
 
 
@@ -133,6 +133,7 @@ class AccuracyBenchmark:
                                                           stdin=subprocess.DEVNULL) as process:
             for line in process.stdout:
                 log.write(line)
+                log.flush()
                 if progress and any(marker in line for marker in PROGRESS_MARKERS):
                     print(f"    {line.rstrip()}", flush=True)
         seconds, cpu_seconds = time.perf_counter() - start, _children_cpu_seconds() - cpu_start
