@@ -25,10 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Tuple
@@ -43,11 +43,6 @@ BUDGET_TRAINERS = Path(__file__).resolve().parent / "trainers"
 BASELINE = "nnUNetTrainer"
 FOLD = 0
 PROGRESS_MARKERS = ("Epoch ", "train_loss", "Pseudo dice", "Epoch time", " iterations, loss ")
-
-
-def _children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _synthetic(name: str) -> Callable[[Path], dict]:
@@ -92,10 +87,10 @@ class Method:
 
 
 METHODS: Dict[str, Method] = {
-    "dpcnet": Method("DPC-Net", "lits", "nnUNetTrainerDPCNet", 8, 15, "dpcnet-accuracy"),
-    "godc_lfam": Method("LFAM + GODC", "lits", "nnUNetTrainerLFAMGODC", 8, 15, "godc_lfam-accuracy"),
-    "scrnet": Method("SCRNet", "busi", "nnUNetTrainerSCRNet", 10, 15, "scrnet-accuracy"),
-    "dlkunet": Method("DLKUNet-S", "synapse", "nnUNetTrainerDLKUNetS", 10, 15, "dlkunet-accuracy"),
+    "dpcnet": Method("DPC-Net", "lits", "nnUNetTrainerDPCNet", 4, 10, "dpcnet-accuracy"),
+    "godc_lfam": Method("LFAM + GODC", "lits", "nnUNetTrainerLFAMGODC", 4, 10, "godc_lfam-accuracy"),
+    "scrnet": Method("SCRNet", "busi", "nnUNetTrainerSCRNet", 4, 10, "scrnet-accuracy"),
+    "dlkunet": Method("DLKUNet-S", "synapse", "nnUNetTrainerDLKUNetS", 4, 10, "dlkunet-accuracy"),
 }
 
 
@@ -127,7 +122,7 @@ class AccuracyBenchmark:
         log_file = self.workdir / "logs" / f"{name}.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
         print(f"$ {' '.join(map(str, command))}", flush=True)
-        start, cpu_start = time.perf_counter(), _children_cpu_seconds()
+        start = time.perf_counter()
         with open(log_file, "w") as log, subprocess.Popen([str(c) for c in command], env={**self.env, **env}, text=True,
                                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                           stdin=subprocess.DEVNULL) as process:
@@ -135,9 +130,11 @@ class AccuracyBenchmark:
                 log.write(line)
                 log.flush()
                 if progress and any(marker in line for marker in PROGRESS_MARKERS):
-                    print(f"    {line.rstrip()}", flush=True)
-        seconds, cpu_seconds = time.perf_counter() - start, _children_cpu_seconds() - cpu_start
-        print(f"    {seconds:.0f} s wall, {cpu_seconds:.0f} s CPU, log {log_file}", flush=True)
+                    print(f"    [{name}] {line.rstrip()}", flush=True)
+            _, status, usage = os.wait4(process.pid, 0)  # this child's own CPU time, also when others run beside it
+            process.returncode = os.waitstatus_to_exitcode(status)
+        seconds, cpu_seconds = time.perf_counter() - start, usage.ru_utime + usage.ru_stime
+        print(f"    {name}: {seconds:.0f} s wall, {cpu_seconds:.0f} s CPU, log {log_file}", flush=True)
         if process.returncode != 0:
             tail = "".join(log_file.read_text().splitlines(keepends=True)[-25:])
             raise BenchmarkError(f"{name} failed (exit code {process.returncode}):\n{tail}")
@@ -145,7 +142,8 @@ class AccuracyBenchmark:
 
     def prepare(self) -> None:
         """Write, convert and plan the twin unless its plans exist."""
-        if (self.preprocessed / "nnUNetPlans.json").is_file():
+        done = self.workdir / "prepared.json"
+        if done.is_file():
             print(f"{self.task.dataset}: planned, reusing {self.preprocessed}", flush=True)
             return
         release = self.workdir / "release"
@@ -157,6 +155,7 @@ class AccuracyBenchmark:
         self.run("plan_and_preprocess", [_console_script("nnUNetv2_plan_and_preprocess"), "-d", self.task.dataset_id,
                                          "-c", self.task.configuration, "-np", 1, "-npfp", 1,
                                          "--verify_dataset_integrity"])
+        done.write_text(json.dumps({"dataset": self.task.dataset, "configuration": self.task.configuration}))
 
     def train(self, trainer: str) -> None:
         fold = self.workdir / "nnUNet_results" / self.task.dataset / \
@@ -172,10 +171,15 @@ class AccuracyBenchmark:
         timing.write_text(json.dumps({"seconds": seconds}))
         self.seconds[trainer] = seconds
 
-    def main(self) -> str:
+    def main(self, parallel: bool = False) -> str:
         self.prepare()
-        for trainer in self.trainers:
-            self.train(trainer)
+        self.parallel = parallel
+        if parallel:  # both trainings at once, each in its own process (own CPU time); wall times then overlap
+            with ThreadPoolExecutor(len(self.trainers)) as pool:
+                list(pool.map(self.train, self.trainers))
+        else:
+            for trainer in self.trainers:
+                self.train(trainer)
         report = run_comparison(self.task.dataset_id, self.task.configuration, self.trainers, [FOLD],
                                 self.workdir / f"comparison_{self.method.readme_key}", env=self.env, device="cpu",
                                 disable_tta=True, measure_cost=False)
@@ -195,8 +199,8 @@ class AccuracyBenchmark:
             f"{self.task.twin} twin ({self.task.configuration}, patch {configuration['patch_size']}, batch "
             f"{configuration['batch_size']}; fold {FOLD}: {len(splits['train'])} training, {len(splits['val'])} "
             f"validation cases). Budget for both: {self.epochs} epochs x {self.iterations} iterations, seed "
-            f"{self.seed}, no mirroring; `nnUNetv2_predict --disable_tta` on the validation cases. Dice (mean over "
-            f"the validation cases):",
+            f"{self.seed}, no mirroring{', both trained at the same time' if self.parallel else ''}; "
+            f"`nnUNetv2_predict --disable_tta` on the validation cases. Dice (mean over the validation cases):",
             "",
             f"| label | nnU-Net | {self.method.title} | ratio |",
             "|---|---|---|---|",
@@ -223,6 +227,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/nnunet_ext_accuracy"),
                         help="twins, nnU-Net folders, logs; reused between runs (default /tmp/nnunet_ext_accuracy)")
+    parser.add_argument("--parallel", action="store_true",
+                        help="train nnU-Net's and the method's trainer at the same time (on a loaded machine)")
     add_write_readme_argument(parser)
     return parser.parse_args(argv)
 
@@ -236,7 +242,7 @@ def main(argv=None) -> None:
         sys.exit(f"error: --epochs and --iterations must be at least 1, got {epochs} and {iterations}")
     start = time.perf_counter()
     try:
-        table = AccuracyBenchmark(method, args.workdir, epochs, iterations, args.seed).main()
+        table = AccuracyBenchmark(method, args.workdir, epochs, iterations, args.seed).main(args.parallel)
     except BenchmarkError as error:
         sys.exit(f"error: {error}")
     print(f"\n{table}\n\n({time.perf_counter() - start:.0f} s in all; load {os.getloadavg()[0]:.1f})")
