@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_ext.demo import DEFAULT_TRAINER, Demo
+from nnunet_ext.demo import DEFAULT_TRAINER, Demo, quick_variant
 from nnunet_ext.environment import trainers_folder
 from nnunet_ext.synthetic.lits import make_synthetic_lits
 from tests.datasets import DATASETS
@@ -28,10 +28,12 @@ def synthetic_lits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @dataclass(frozen=True)
 class DemoRun:
-    """A finished ``nnunet_ext_demo`` run: its work folder, console output and nnU-Net environment."""
+    """A finished ``nnunet_ext_demo`` run: its work folder, console output and nnU-Net environment; ``path`` is the
+    ``PATH`` the demo itself ran with (without this interpreter's virtual environment)."""
     workdir: Path
     stdout: str
     env: dict
+    path: str = ""
 
     @property
     def dataset(self) -> str:
@@ -56,15 +58,22 @@ DEMO_DATASET_ID = 501
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
-    """The README's first command, run for real once per session: synthetic LiTS -> converter ->
-    ``nnUNetv2_plan_and_preprocess`` -> ``nnUNetv2_train`` (DPC-Net, quick schedule) ->
-    ``nnUNetv2_predict`` -> ``nnUNetv2_evaluate_folder``. Later tests reuse its preprocessed data."""
+    """The README's first command, run for real once per session in its seconds-long form (``--quick``): synthetic
+    LiTS -> converter -> ``nnUNetv2_plan_and_preprocess`` -> ``nnUNetv2_train`` (DPC-Net, quick schedule) ->
+    ``nnUNetv2_predict`` -> ``nnUNetv2_evaluate_folder``. It runs ``<venv>/bin/nnunet_ext_demo`` with a ``PATH``
+    that lacks the virtual environment (as from a venv that is not activated). Later tests reuse its preprocessed
+    data."""
     workdir = tmp_path_factory.mktemp("demo") / "run"
-    result = subprocess.run(["nnunet_ext_demo", "--workdir", str(workdir), "--dataset-id", str(DEMO_DATASET_ID),
-                             "--device", "cpu", "--no-compare"], capture_output=True, text=True)
+    scripts = Path(sys.executable).parent
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if p and Path(p).resolve() != scripts.resolve())
+    demo_env = {key: value for key, value in os.environ.items() if key != "VIRTUAL_ENV"}
+    result = subprocess.run([str(scripts / "nnunet_ext_demo"), "--quick", "--workdir", str(workdir),
+                             "--dataset-id", str(DEMO_DATASET_ID), "--device", "cpu", "--no-compare"],
+                            env={**demo_env, "PATH": path}, capture_output=True, text=True)
     assert result.returncode == 0, f"demo failed:\n{result.stdout}\n{result.stderr}"
-    env = Demo(workdir, DEFAULT_TRAINER, DEMO_DATASET_ID, "cpu").env  # the environment the demo's commands had
-    return DemoRun(workdir, result.stdout, env)
+    env = Demo(workdir, quick_variant(DEFAULT_TRAINER), DEMO_DATASET_ID, "cpu").env  # what the demo's commands had
+    return DemoRun(workdir, result.stdout, env, path)
 
 
 @pytest.fixture(scope="session")

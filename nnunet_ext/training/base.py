@@ -35,8 +35,13 @@ optimiser
     ``adam_learning_rate``: None (nnU-Net's SGD, 1e-2, Nesterov, poly) or the initial learning rate of Adam with
     nnU-Net's poly decay; ``adam_weight_decay``: None (nnU-Net's 3e-5) or Adam's weight decay.
 schedule
-    ``schedule``: None (nnU-Net's 1000 epochs x 250 iterations) or a ``TrainingSchedule``; ``mirroring``: False
-    turns off mirror augmentation and test-time mirroring (the smoke-run variants ``*_quick`` do both).
+    ``schedule``: None (nnU-Net's 1000 epochs x 250 iterations) or a ``TrainingSchedule`` (``QUICK_SCHEDULE`` of
+    the smoke-run variants ``*_quick``, ``DEMO_SCHEDULE`` of the demo variants ``*_demo``); ``mirroring``: False
+    turns off mirror augmentation and test-time mirroring (``*_quick`` and ``*_demo`` do both).
+
+Progress: while it trains, a trainer shows each epoch's iterations, current loss and time left on the console
+(``nnunet_ext.training.progress.EpochProgress``: a live bar on a terminal, else a line every 10 s), on rank 0 only and
+never in nnU-Net's log file.
 
 Deep supervision: ``set_deep_supervision_enabled`` switches ``network.decoder.deep_supervision`` (nnU-Net's U-Net
 and the networks wrapping it) or, for networks without such a decoder, ``network.deep_supervision``.
@@ -60,6 +65,7 @@ from nnunet_ext.architectures.plan_network import unwrap_network
 from nnunet_ext.losses.compound import build_dice_ce_loss, deep_supervision_weights
 from nnunet_ext.losses.multi_output_deep_supervision import MultiOutputDeepSupervisionWrapper
 from nnunet_ext.training.pretrained import load_pretrained_weights
+from nnunet_ext.training.progress import EpochProgress
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,11 @@ QUICK_SCHEDULE = TrainingSchedule(epochs=2, iterations=5, val_iterations=2)
 """Smoke runs (demo, end-to-end tests, CI): enough to exercise every stage of nnU-Net's pipeline, far too short to
 learn a useful model. nnU-Net has no command-line switch for the length of training; like its own
 ``nnUNetTrainer_1epoch`` a trainer variant sets it."""
+
+DEMO_SCHEDULE = TrainingSchedule(epochs=6, iterations=12, val_iterations=2)
+"""``nnunet_ext_demo``'s default (the ``*_demo`` variants, with mirroring off like ``*_quick``): long enough for DPC-Net
+and nnU-Net's network to segment the liver of the synthetic LiTS task (Dice >= 0.8) within the demo's 10 minutes on 2
+CPU cores; few long epochs, because each epoch adds a validation, a plot and possibly a checkpoint."""
 
 
 def configuration_dimension(configuration_manager) -> int:
@@ -113,6 +124,7 @@ class nnUNetExtTrainer(nnUNetTrainer):
             self.num_iterations_per_epoch = self.schedule.iterations
             self.num_val_iterations_per_epoch = self.schedule.val_iterations
         self.compound_loss: Optional[nn.Module] = None
+        self.progress: Optional[EpochProgress] = None
 
     @classmethod
     def check_dimension(cls, configuration_manager, configuration_name: Optional[str] = None) -> None:
@@ -180,6 +192,22 @@ class nnUNetExtTrainer(nnUNetTrainer):
             weight_dice, weight_ce = schedule(self.current_epoch, self.num_epochs)
             self.compound_loss.weight_dice, self.compound_loss.weight_ce = weight_dice, weight_ce
             self.print_to_log_file(f"loss weights: dice {weight_dice:.4f}, ce {weight_ce:.4f}")
+        if self.local_rank == 0:
+            self.progress = EpochProgress(self.current_epoch, self.num_epochs, self.num_iterations_per_epoch)
+
+    # --- progress (console only; rank 0) -------------------------------------------------------------------
+
+    def train_step(self, batch: dict) -> dict:
+        result = super().train_step(batch)
+        if self.progress is not None:
+            self.progress.update(float(result["loss"]))
+        return result
+
+    def on_train_epoch_end(self, train_outputs):
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+        super().on_train_epoch_end(train_outputs)
 
     # --- optimiser and schedule ----------------------------------------------------------------------------
 

@@ -4,7 +4,8 @@
   poly schedule, Dice + CE, data augmentation, sampling, sliding-window inference).
 - ``nnUNetTrainerDPCNetPaper``: the paper's optimiser, Adam with initial learning rate 1e-4
   (nnU-Net's poly decay and weight decay 3e-5 kept; the paper states neither).
-- ``nnUNetTrainerDPCNet_quick``: a few iterations only, for the demo and smoke tests.
+- ``nnUNetTrainerDPCNet_quick``: a few iterations only, for smoke tests (``nnunet_ext_demo --quick``).
+- ``nnUNetTrainerDPCNet_demo``: ``nnunet_ext_demo``'s default, long enough to learn the synthetic LiTS task.
 
 Loss (paper Eq. 13): nnU-Net's Dice + CE on every output of the three families (PFE, SpaCor,
 SemCor), each compared with nnU-Net's deep-supervision target of its level and weighted with
@@ -13,7 +14,7 @@ so that every parameter receives a gradient in every step (DDP without ``find_un
 Validation and inference use the highest-resolution SemCor output ``sem_0``.
 """
 from nnunet_ext.architectures.dpcnet import DPCNet, build_dpcnet_from_plans
-from nnunet_ext.training.base import QUICK_SCHEDULE, nnUNetExtTrainer
+from nnunet_ext.training.base import DEMO_SCHEDULE, QUICK_SCHEDULE, nnUNetExtTrainer
 
 
 class nnUNetTrainerDPCNet(nnUNetExtTrainer):
@@ -30,4 +31,10 @@ class nnUNetTrainerDPCNetPaper(nnUNetTrainerDPCNet):
 class nnUNetTrainerDPCNet_quick(nnUNetTrainerDPCNet):
     """``nnUNetTrainerDPCNet`` with the smoke-run schedule (``QUICK_SCHEDULE``, no mirroring)."""
     schedule = QUICK_SCHEDULE
+    mirroring = False
+
+
+class nnUNetTrainerDPCNet_demo(nnUNetTrainerDPCNet):
+    """``nnUNetTrainerDPCNet`` with the demo schedule (``DEMO_SCHEDULE``, no mirroring)."""
+    schedule = DEMO_SCHEDULE
     mirroring = False

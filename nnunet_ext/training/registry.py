@@ -3,15 +3,18 @@
 A method registers its trainers by adding its module to ``METHOD_MODULES``; every ``nnUNetTrainer`` subclass defined
 in (or generated into) that module is a registered trainer. nnU-Net finds them through the environment variable
 ``nnUNet_extTrainer``, which points at the repository's ``trainers/`` folder (installed as ``nnunet_ext.trainers``):
-its one module re-exports ``TRAINERS`` (see ``nnunet_ext.environment``).
+its one module re-exports ``TRAINERS`` (see ``nnunet_ext.environment``). ``nnunet_ext.training.trainer_names`` keeps a
+torch-free copy of the names (regenerate it with ``python -m nnunet_ext.training.trainer_names`` after registering a
+trainer; a test checks it).
 """
 from __future__ import annotations
 
-import difflib
 import importlib
 from typing import Dict, List, Type
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_ext.training.trainer_names import unknown_trainer_message
 
 METHOD_MODULES = (
     "nnunet_ext.training.baseline",
@@ -51,6 +54,4 @@ def get_trainer(name: str) -> Type[nnUNetTrainer]:
     """The registered trainer ``name``; an unknown name raises ``KeyError`` suggesting the close matches."""
     if name in TRAINERS:
         return TRAINERS[name]
-    close = difflib.get_close_matches(name, TRAINERS, n=3, cutoff=0.6)
-    hint = f"did you mean {', '.join(close)}?" if close else f"registered: {', '.join(TRAINERS)}"
-    raise KeyError(f"unknown trainer {name!r}; {hint}")
+    raise KeyError(unknown_trainer_message(name, TRAINERS))
