@@ -49,7 +49,9 @@ def make_inputs(name):
     dim, B, in_size, ksize, stride, padding, dilation, c_in, c_out, groups, G, offsets, has_mask, dtype = CASES[name]
     g = torch.Generator().manual_seed(list(CASES).index(name))
     n = dim
-    tup = (lambda v: (v,) * n if isinstance(v, int) else tuple(v))
+
+    def tup(v):
+        return (v,) * n if isinstance(v, int) else tuple(v)
     out_size = deform_conv_output_size(in_size, ksize, tup(stride), tup(padding), tup(dilation))
     K = torch.Size(ksize).numel()
     t = dict(input=torch.randn(B, c_in, *in_size, generator=g),

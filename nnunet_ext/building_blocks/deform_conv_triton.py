@@ -10,44 +10,55 @@ reference; see that module's docstring for the layout), runs on CUDA tensors, an
 Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is first imported; that is how the tests run it).
 
 Algorithm (one notation for 2D and 3D: a 2D problem is the 3D one with depth 1, kernel depth 1 and no z offset;
-the kernels take ``NZ = 1`` and skip the z corners at compile time)
+the kernels take ``NZ = 1`` and visit 4 instead of 8 interpolation corners)
 -----------------------------------------------------------------------------------------------------------------
 Rows ``m`` are output positions flattened over (batch, output voxels), ``M = B * prod(out)``. Input channels are
 walked in *segments* of ``S = gcd(C_in / groups, C_in / G)`` channels: a segment lies inside one conv group and
-one offset group, so one set of sampling positions serves all its channels.
+one offset group, so one set of sampling positions serves all its channels. Gathered tiles are laid out
+``(BLOCK_K channels) x (BLOCK_M rows)`` (rows across the threads of a warp), so a thread keeps few rows of the
+per-row positions, weights and 64-bit indices.
 
-* Forward, ``_dcn_forward_kernel`` (implicit GEMM): a program owns a tile of ``BLOCK_M`` rows x ``BLOCK_N``
-  output channels of one conv group. It loops over kernel points k, segments and blocks of ``BLOCK_K`` input
-  channels; for each it computes the ``BLOCK_M`` fractional positions of kernel point k (from the offsets) and the
-  modulation, gathers the ``BLOCK_M x BLOCK_K`` bi/trilinear samples (4 or 8 masked loads; corners outside the
-  input read 0), multiplies by the modulation and accumulates ``samples @ W[:, block, k]^T`` with ``tl.dot`` in
-  fp32. The ``C_in * K * voxels`` column matrix never exists in memory. Bias is added in the epilogue.
+* Forward, ``_dcn_forward_kernel`` (implicit GEMM): a program owns ``BLOCK_N`` output channels of one conv group x
+  ``BLOCK_M`` rows. It loops over kernel points k, segments and blocks of ``BLOCK_K`` input channels; for each it
+  computes the ``BLOCK_M`` fractional positions of kernel point k (offsets added to ``o * stride - padding +
+  dilation * k``) and the modulation, gathers the bi/trilinear samples corner by corner (masked loads: corners
+  outside the input read 0), multiplies them by the modulation and accumulates ``W[group, block, k] @ samples``
+  with ``tl.dot`` in fp32. The ``C_in * K * voxels`` column matrix never exists in memory. Bias in the epilogue.
 * Backward, data part, ``_dcn_backward_data_kernel``: a program owns ``BLOCK_M`` rows of one conv group. Per
-  (k, segment, channel block) it forms ``dcol = grad_out[rows, group] @ W[group, block, k]`` with ``tl.dot``
-  (fp32), recomputes the corner values and interpolation weights, and
-  - scatters ``dcol * mask * w_corner`` into grad_input with ``tl.atomic_add`` (different rows and kernel
-    points hit the same input voxel),
-  - reduces over the block's channels ``sum_c dcol * sample`` (grad of the mask) and
-    ``sum_c dcol * mask * d sample / d p_a`` (grad of the offset along axis a; the spatial derivative of the
-    interpolation: the weight factor of axis a replaced by -1 / +1 for the lower / upper corner, the same
-    convention as ``grid_sample``'s backward, also at integer positions) and adds them with ``tl.atomic_add``
-    (an offset group can span several conv groups and segments).
+  (k, segment, channel block) it forms ``dcol = W[group, block, k]^T @ grad_out[group, rows]`` with ``tl.dot``
+  (fp32) and walks the corners again:
+  - grad_input: ``dcol * mask * w_corner`` is added at each in-bounds corner with ``tl.atomic_add`` (different
+    rows, kernel points and programs hit the same input voxel);
+  - with ``r = sum_c dcol[c] * x[corner, c]`` (one channel reduction per corner): grad of the mask
+    ``sum_corners w_corner * r``, grad of the offset along axis a ``mask * sum_corners dw_corner/dp_a * r``. The
+    spatial derivative of the interpolation replaces the weight factor of axis a by -1 / +1 for the lower / upper
+    corner, the convention of ``grid_sample``'s backward (also at integer positions). Both are added with
+    ``tl.atomic_add`` (an offset group can span several conv groups and segments).
 * Backward, weight part, ``_dcn_backward_weight_kernel``: ``grad_W[o, c, k] = sum_m grad_out[m, o] *
   mask * sample[m, c, k]``, a GEMM over the rows. A program owns (k, segment, channel block) x ``BLOCK_N`` output
-  channels x one conv group x one of ``split`` slices of the rows (split-K over M, chosen so that about
-  ``4 x SMs`` programs run); it recomputes the samples per ``BLOCK_M`` rows, accumulates
-  ``samples^T @ grad_out`` with ``tl.dot`` and adds its partial sum with ``tl.atomic_add``.
+  channels x one conv group x one of ``split`` slices of the row blocks (split-K over M, ``split`` chosen so that
+  about ``4 x SMs`` programs run); it recomputes the samples per ``BLOCK_M`` rows, accumulates
+  ``samples @ grad_out`` with ``tl.dot`` and adds its partial sum with ``tl.atomic_add``.
 * grad of the bias: ``grad_out.sum`` (a torch reduction).
 
 Only the inputs (input, offset, weight, mask) are saved for backward; everything else is recomputed.
 
+Launch configuration: ``BLOCK_M = 64``, ``BLOCK_N = clamp(next_pow2(C_out / groups), 16, 64)``,
+``BLOCK_K = clamp(next_pow2(S), 16, MAX_BLOCK_K)``, ``NUM_WARPS``, ``NUM_STAGES`` below. No GPU was available to
+tune them by timing; they were chosen by compiling ahead of time for sm_80 (``python -m benchmarks.deform_conv_triton
+--compile-for 80``) and keeping the register use low (see that benchmark for the table). The corner walk is a
+runtime loop on purpose: unrolled, every corner's address tile is live at once and the kernels spill.
+
 Numerics: sampling positions, interpolation weights and the interpolated samples are fp32 whatever the input dtype.
 For fp16/bf16 input the modulated samples, grad_out tile and the weights are rounded to the input dtype before each
 ``tl.dot`` (tensor-core operands), products are accumulated in fp32, and the result is returned in the input dtype;
-so compared with the fp32 reference, fp16/bf16 results carry the operand rounding (about 1e-3 / 8e-3 relative).
-fp32 input uses ``tl.dot`` with ``input_precision='ieee'`` unless ``torch.backends.cuda.matmul.allow_tf32`` is set
-(then TF32, as torch's own matmuls). All atomics accumulate in fp32 buffers that are cast to the gradient's dtype at
-the end; their order is not deterministic, so gradients can differ in the last bits between runs.
+so compared with the fp32 reference, fp16/bf16 results carry the operand rounding (about 1e-3 / 1e-2 relative).
+fp32 input uses TF32 tensor cores in ``tl.dot`` when ``torch.backends.cudnn.allow_tf32`` is set (torch's switch for
+convolutions, on by default: the dense ``conv3d`` this replaces computes in TF32 too), else IEEE fp32. Triton 3.8's
+interpreter multiplies the raw bit patterns of bf16 ``tl.dot`` operands, so under the interpreter bf16 operands
+(already rounded to bf16) are multiplied as fp32, which gives the same products. All atomics accumulate in fp32
+buffers that are cast to the gradient's dtype at the end; their order is not deterministic, so gradients can differ
+in the last bits between runs.
 """
 from __future__ import annotations
 
@@ -69,6 +80,8 @@ IntOrSeq = Union[int, Sequence[int]]
 __all__ = ["deform_conv_triton", "triton_deform_conv_available"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# launch configuration (see block_sizes)
+BLOCK_M, MAX_BLOCK_K, NUM_WARPS, NUM_STAGES = 64, 16, 8, 1
 
 
 def _interpreting() -> bool:
@@ -124,16 +137,21 @@ if triton is not None:
         return pz, py, px, mod
 
     @triton.jit
-    def _walk_cell(x_ptr, row_base, col_off, c_ok, m_ok, pz, py, px, D, H, W, gx_ptr, gs, NZ: tl.constexpr,
-                   LOAD: tl.constexpr, DERIV: tl.constexpr, SCATTER: tl.constexpr):
+    def _walk_cell(x_ptr, row_base, col_off, c_ok, m_ok, pz, py, px, D, H, W, gx_ptr, dcol, mod, NZ: tl.constexpr,
+                   SAMPLE: tl.constexpr, REDUCE: tl.constexpr, SCATTER: tl.constexpr):
         """Walks the 2^N corners of each row's interpolation cell for a block of channels (zeros outside the input).
 
         Corner (z0 + cz, y0 + cy, x0 + cx), with (z0, y0, x0) = floor(p) and f = p - floor(p), has the weight
-        prod_a (f_a if c_a else 1 - f_a); its derivative along axis a replaces that axis' factor by +1 (upper
-        corner) or -1 (lower corner), as in ``grid_sample``'s backward (also at integer positions).
-        Returns ``(samples, d samples/dz, d/dy, d/dx)``, each ``(BLOCK_M, BLOCK_K)`` fp32: the samples if LOAD,
-        the derivatives if DERIV (else zeros); if SCATTER, adds ``gs * weight`` at every in-bounds corner of
-        ``gx_ptr`` with ``tl.atomic_add``."""
+        w = prod_a (f_a if c_a else 1 - f_a); its derivative along axis a, dw_a, replaces that axis' factor by +1
+        (upper corner) or -1 (lower corner), as in ``grid_sample``'s backward (also at integer positions).
+        Tiles are ``(BLOCK_K channels, BLOCK_M rows)``: rows along the threads of a warp, so that each thread holds
+        few rows of the per-row vectors (positions, weights, 64-bit indices).
+
+        SAMPLE: returns the samples ``sum_corners w * x[corner]`` (tile, fp32).
+        SCATTER: adds ``dcol * mod * w`` at every in-bounds corner of ``gx_ptr`` (``tl.atomic_add``).
+        REDUCE: returns, per row, ``sum_corners w * r`` and ``sum_corners dw_a * r`` (a = z, y, x) with
+        ``r = sum_c dcol[c] * x[corner, c]``: the gradients of the mask and (times the mask) of the position.
+        Unrequested results are zeros."""
         z0f = tl.floor(pz)
         y0f = tl.floor(py)
         x0f = tl.floor(px)
@@ -143,56 +161,42 @@ if triton is not None:
         z0 = z0f.to(tl.int64)  # int64 index arithmetic: no int32 overflow (and no overflow checks in the interpreter)
         y0 = y0f.to(tl.int64)
         x0 = x0f.to(tl.int64)
-        okx0 = (x0 >= 0) & (x0 < W)
-        okx1 = (x0 >= -1) & (x0 < W - 1)
-        c_ok2 = c_ok[None, :]
-        col2 = col_off[None, :]
-        val = tl.zeros((row_base.shape[0], col_off.shape[0]), tl.float32)
-        dz = tl.zeros((row_base.shape[0], col_off.shape[0]), tl.float32)
-        dy = tl.zeros((row_base.shape[0], col_off.shape[0]), tl.float32)
-        dx = tl.zeros((row_base.shape[0], col_off.shape[0]), tl.float32)
-        for cz in tl.static_range(NZ):
-            if cz == 1:
-                wz = fz
-            else:
-                wz = 1.0 - fz
-            okz = m_ok & (z0 >= -cz) & (z0 < D - cz)
-            for cy in tl.static_range(2):
-                if cy == 1:
-                    wy = fy
-                else:
-                    wy = 1.0 - fy
-                okzy = okz & (y0 >= -cy) & (y0 < H - cy)
-                spzy = row_base + ((z0 + cz) * H + y0 + cy) * W + x0
-                wzy = wz * wy
-                for cx in tl.static_range(2):
-                    if cx == 1:
-                        wx = fx
-                        ok = (okzy & okx1)[:, None] & c_ok2
-                    else:
-                        wx = 1.0 - fx
-                        ok = (okzy & okx0)[:, None] & c_ok2
-                    addr = (spzy + cx)[:, None] + col2
-                    w = (wzy * wx)[:, None]
-                    if SCATTER:
-                        tl.atomic_add(gx_ptr + addr, gs * w, mask=ok)
-                    if LOAD:
-                        v = tl.load(x_ptr + addr, mask=ok, other=0.0).to(tl.float32)
-                        val += w * v
-                        if DERIV:
-                            if cx == 1:
-                                dx += wzy[:, None] * v
-                            else:
-                                dx -= wzy[:, None] * v
-                            if cy == 1:
-                                dy += (wz * wx)[:, None] * v
-                            else:
-                                dy -= (wz * wx)[:, None] * v
-                            if cz == 1:
-                                dz += (wy * wx)[:, None] * v
-                            else:
-                                dz -= (wy * wx)[:, None] * v
-        return val, dz, dy, dx
+        c_ok2 = c_ok[:, None]
+        col2 = col_off[:, None]
+        val = tl.zeros((col_off.shape[0], row_base.shape[0]), tl.float32)
+        g_w = tl.zeros(pz.shape, tl.float32)
+        g_z = tl.zeros(pz.shape, tl.float32)
+        g_y = tl.zeros(pz.shape, tl.float32)
+        g_x = tl.zeros(pz.shape, tl.float32)
+        if SCATTER:
+            gs = dcol * mod[None, :]
+        # a runtime loop, not tl.static_range: unrolled, all corners' 64-bit address tiles are live at once and the
+        # kernels spill registers (measured with --compile-for in benchmarks/deform_conv_triton.py)
+        for corner in range(4 * NZ):
+            cz = corner // 4
+            cy = (corner // 2) % 2
+            cx = corner % 2
+            zi = z0 + cz
+            yi = y0 + cy
+            xi = x0 + cx
+            wz = tl.where(cz == 1, fz, 1.0 - fz)
+            wy = tl.where(cy == 1, fy, 1.0 - fy)
+            wx = tl.where(cx == 1, fx, 1.0 - fx)
+            ok = (m_ok & (zi >= 0) & (zi < D) & (yi >= 0) & (yi < H) & (xi >= 0) & (xi < W))[None, :] & c_ok2
+            addr = (row_base + (zi * H + yi) * W + xi)[None, :] + col2
+            if SCATTER:
+                tl.atomic_add(gx_ptr + addr, gs * (wz * wy * wx)[None, :], mask=ok)
+            if SAMPLE or REDUCE:
+                v = tl.load(x_ptr + addr, mask=ok, other=0.0).to(tl.float32)
+                if SAMPLE:
+                    val += (wz * wy * wx)[None, :] * v
+                if REDUCE:
+                    r = tl.sum(dcol * v, axis=0)
+                    g_w += wz * wy * wx * r
+                    g_z += (2 * cz - 1) * wy * wx * r
+                    g_y += (2 * cy - 1) * wz * wx * r
+                    g_x += (2 * cx - 1) * wz * wy * r
+        return val, g_w, g_z, g_y, g_x
 
     @triton.jit
     def _mma(a, b, acc, IEEE: tl.constexpr, DOT_FP32: tl.constexpr):
@@ -222,7 +226,7 @@ if triton is not None:
         n_ok = rn < CG_OUT
         o = grp * CG_OUT + rn
         DT = x_ptr.dtype.element_ty
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)  # output tile, transposed
         for k in range(K):
             for seg in range(CG_IN // SEG):
                 c_start = grp * CG_IN + seg * SEG
@@ -231,15 +235,15 @@ if triton is not None:
                 for c0 in range(0, SEG, BLOCK_K):
                     rc = c0 + tl.arange(0, BLOCK_K)
                     c_ok = rc < SEG
-                    val, _, _, _ = _walk_cell(x_ptr, row_base, (c_start + rc).to(tl.int64) * S, c_ok, m_ok,
-                                              pz, py, px, D, H, W, x_ptr, None, NZ, True, False, False)
-                    wt = tl.load(w_ptr + o[None, :] * (CG_IN * K) + (seg * SEG + rc)[:, None] * K + k,
-                                 mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-                    acc = _mma((val * mod[:, None]).to(DT), wt.to(DT), acc, IEEE, DOT_FP32)
+                    val, _, _, _, _ = _walk_cell(x_ptr, row_base, (c_start + rc).to(tl.int64) * S, c_ok, m_ok,
+                                                 pz, py, px, D, H, W, x_ptr, None, None, NZ, True, False, False)
+                    wt = tl.load(w_ptr + o[:, None] * (CG_IN * K) + (seg * SEG + rc)[None, :] * K + k,
+                                 mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+                    acc = _mma(wt.to(DT), (val * mod[None, :]).to(DT), acc, IEEE, DOT_FP32)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + o, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        out_addr = (b.to(tl.int64) * C_OUT * L + p)[:, None] + o[None, :].to(tl.int64) * L
-        tl.store(out_ptr + out_addr, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            acc += tl.load(bias_ptr + o, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        out_addr = o[:, None].to(tl.int64) * L + (b.to(tl.int64) * C_OUT * L + p)[None, :]
+        tl.store(out_ptr + out_addr, acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
 
     @triton.jit
     def _dcn_backward_data_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gout_ptr, gx_ptr, goff_ptr, gmsk_ptr,
@@ -270,34 +274,32 @@ if triton is not None:
                     rc = c0 + tl.arange(0, BLOCK_K)
                     c_ok = rc < SEG
                     col_off = (c_start + rc).to(tl.int64) * S
-                    # dcol[m, c] = d loss / d (mask * sample)[m, c, k] = sum_o grad_out[m, o] * W[o, c, k]
-                    dcol = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+                    # dcol[c, m] = d loss / d (mask * sample)[m, c, k] = sum_o W[o, c, k] * grad_out[m, o]
+                    dcol = tl.zeros((BLOCK_K, BLOCK_M), tl.float32)
                     for n0 in range(0, CG_OUT, BLOCK_N):
                         rn = n0 + tl.arange(0, BLOCK_N)
                         n_ok = rn < CG_OUT
                         o = grp * CG_OUT + rn
-                        go = tl.load(gout_ptr + gout_row[:, None] + o[None, :].to(tl.int64) * L,
-                                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-                        wt = tl.load(w_ptr + o[:, None] * (CG_IN * K) + (seg * SEG + rc)[None, :] * K + k,
-                                     mask=n_ok[:, None] & c_ok[None, :], other=0.0)
-                        dcol = _mma(go.to(DT), wt.to(DT), dcol, IEEE, DOT_FP32)
-                    gs = dcol * mod[:, None]
-                    sample, dz, dy, dx = _walk_cell(x_ptr, row_base, col_off, c_ok, m_ok, pz, py, px, D, H, W,
-                                                    gx_ptr, gs, NZ, NEED_GOFF, NEED_GOFF, NEED_GX)
-                    if NEED_GOFF:
-                        g_mod += tl.sum(dcol * sample, axis=1)
-                        g_pz += tl.sum(gs * dz, axis=1)
-                        g_py += tl.sum(gs * dy, axis=1)
-                        g_px += tl.sum(gs * dx, axis=1)
+                        go = tl.load(gout_ptr + o[:, None].to(tl.int64) * L + gout_row[None, :],
+                                     mask=n_ok[:, None] & m_ok[None, :], other=0.0)
+                        wt = tl.load(w_ptr + o[None, :] * (CG_IN * K) + (seg * SEG + rc)[:, None] * K + k,
+                                     mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+                        dcol = _mma(wt.to(DT), go.to(DT), dcol, IEEE, DOT_FP32)
+                    _, r_w, r_z, r_y, r_x = _walk_cell(x_ptr, row_base, col_off, c_ok, m_ok, pz, py, px, D, H, W,
+                                                       gx_ptr, dcol, mod, NZ, False, NEED_GOFF, NEED_GX)
+                    g_mod += r_w
+                    g_pz += r_z
+                    g_py += r_y
+                    g_px += r_x
                 if NEED_GOFF:
                     if NZ == 2:
                         oaddr = goff_ptr + (b.to(tl.int64) * (3 * G * K) + (g * K + k) * 3) * L + p
-                        tl.atomic_add(oaddr, g_pz, mask=m_ok)
+                        tl.atomic_add(oaddr, g_pz * mod, mask=m_ok)
                         oaddr = oaddr + L
                     else:
                         oaddr = goff_ptr + (b.to(tl.int64) * (2 * G * K) + (g * K + k) * 2) * L + p
-                    tl.atomic_add(oaddr, g_py, mask=m_ok)
-                    tl.atomic_add(oaddr + L, g_px, mask=m_ok)
+                    tl.atomic_add(oaddr, g_py * mod, mask=m_ok)
+                    tl.atomic_add(oaddr + L, g_px * mod, mask=m_ok)
                     if HAS_MASK:
                         tl.atomic_add(gmsk_ptr + (b.to(tl.int64) * (G * K) + g * K + k) * L + p, g_mod, mask=m_ok)
 
@@ -332,11 +334,11 @@ if triton is not None:
             b, p, m_ok, bz, by, bx = _rows(mb, M, L, OH, OW, SD, SH, SW, PD, PH, PW, BLOCK_M)
             pz, py, px, mod = _sample_position(off_ptr, msk_ptr, b, p, m_ok, bz, by, bx, k, g,
                                                K, L, G, KH, KW, DD, DH, DW, NZ, HAS_MASK)
-            val, _, _, _ = _walk_cell(x_ptr, b.to(tl.int64) * C_in * S, col_off, c_ok, m_ok, pz, py, px, D, H, W,
-                                      x_ptr, None, NZ, True, False, False)
+            val, _, _, _, _ = _walk_cell(x_ptr, b.to(tl.int64) * C_in * S, col_off, c_ok, m_ok, pz, py, px, D, H, W,
+                                         x_ptr, None, None, NZ, True, False, False)
             go = tl.load(gout_ptr + (b.to(tl.int64) * C_OUT * L + p)[:, None] + o[None, :].to(tl.int64) * L,
                          mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = _mma(tl.trans((val * mod[:, None]).to(DT)), go.to(DT), acc, IEEE, DOT_FP32)
+            acc = _mma((val * mod[None, :]).to(DT), go.to(DT), acc, IEEE, DOT_FP32)
         tl.atomic_add(gw_ptr + o[None, :] * (CG_IN * K) + (seg * SEG + rc)[:, None] * K + k, acc,
                       mask=c_ok[:, None] & n_ok[None, :])
 
@@ -407,9 +409,14 @@ class _Geometry:
                 self.c_out)
 
     def blocks(self):
-        """``BLOCK_M, BLOCK_N, BLOCK_K`` (``tl.dot`` needs every side >= 16)."""
-        pow2 = triton.next_power_of_2
-        return 64, min(64, max(16, pow2(self.cg_out))), min(32, max(16, pow2(self.seg)))
+        return block_sizes(self.cg_out, self.seg)
+
+
+def block_sizes(cg_out: int, seg: int) -> Tuple[int, int, int]:
+    """``BLOCK_M, BLOCK_N, BLOCK_K`` for ``cg_out`` output channels per conv group and channel segments of ``seg``
+    (``tl.dot`` needs every side >= 16; untuned: chosen so that no kernel spills registers, see the module doc)."""
+    pow2 = triton.next_power_of_2
+    return BLOCK_M, min(64, max(16, pow2(cg_out))), min(MAX_BLOCK_K, max(16, pow2(seg)))
 
 
 def _ntuple(v: IntOrSeq, n: int, name: str) -> Tuple[int, ...]:
@@ -421,10 +428,10 @@ def _ntuple(v: IntOrSeq, n: int, name: str) -> Tuple[int, ...]:
     return v
 
 
-def _launch_flags(dtype: torch.dtype) -> dict:
-    """``tl.dot`` precision: IEEE fp32 for float32 input unless ``torch.backends.cuda.matmul.allow_tf32``;
+def launch_flags(dtype: torch.dtype) -> dict:
+    """``tl.dot`` precision: IEEE fp32 for float32 input unless ``torch.backends.cudnn.allow_tf32`` (then TF32);
     bf16 operands multiplied as fp32 in the interpreter (see ``_mma``)."""
-    return dict(IEEE=dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
+    return dict(IEEE=dtype == torch.float32 and not torch.backends.cudnn.allow_tf32,
                 DOT_FP32=dtype == torch.bfloat16 and _interpreting())
 
 
@@ -446,7 +453,8 @@ class _DeformConvTriton(torch.autograd.Function):
         _dcn_forward_kernel[grid](input, offset, offset if mask is None else mask, weight,
                                   weight if bias is None else bias.contiguous(), out, *geo.scalars(),
                                   NZ=2 if geo.n == 3 else 1, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
-                                  **_launch_flags(input.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                                  **launch_flags(input.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                num_warps=NUM_WARPS, num_stages=NUM_STAGES)
         ctx.save_for_backward(input, offset, weight, mask)
         ctx.geo = geo
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -461,7 +469,7 @@ class _DeformConvTriton(torch.autograd.Function):
         bm, bn, bk = geo.blocks()
         nz = 2 if geo.n == 3 else 1
         has_mask = mask is not None
-        flags = _launch_flags(input.dtype)
+        flags = launch_flags(input.dtype)
         gx = goff = gw = gb = gm = None
         if need_x or need_off or need_m:
             f32 = dict(dtype=torch.float32, device=input.device)
@@ -472,7 +480,8 @@ class _DeformConvTriton(torch.autograd.Function):
                 input, offset, mask if has_mask else offset, weight, grad_out,
                 input if gx is None else gx, offset if goff is None else goff, offset if gm is None else gm,
                 *geo.scalars(), NZ=nz, HAS_MASK=has_mask, NEED_GX=gx is not None, NEED_GOFF=goff is not None,
-                **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                num_warps=NUM_WARPS, num_stages=NUM_STAGES)
             gx = gx.to(input.dtype) if need_x else None
             gm = gm.to(mask.dtype) if need_m else None
             goff = goff.to(offset.dtype) if need_off else None
@@ -485,7 +494,8 @@ class _DeformConvTriton(torch.autograd.Function):
                     geo.groups * split)
             _dcn_backward_weight_kernel[grid](input, offset, mask if has_mask else offset, grad_out, gw,
                                               *geo.scalars(), split, NZ=nz, HAS_MASK=has_mask, **flags,
-                                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                num_warps=NUM_WARPS, num_stages=NUM_STAGES)
             gw = gw.to(weight.dtype)
         if need_b:
             gb = grad_out.sum(dim=(0, *range(2, grad_out.dim())), dtype=torch.float32).to(ctx.bias_dtype)
