@@ -63,21 +63,26 @@ def _paths(dim):
     }
 
 
-def _timed(fn):
-    torch.cuda.synchronize()
+def _timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     fn()
-    torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
-def time_layers(dtypes, repeats):
-    device = torch.device("cuda")
-    print(f"GPU {torch.cuda.get_device_name(device)}, torch {torch.__version__}, triton "
-          f"{dct.triton.__version__}, {repeats} interleaved repeats, median ms")
+def time_layers(dtypes, repeats, layers=LAYERS, device="cuda"):
+    """The ``--triton`` table (``layers`` and ``device`` only change for a smoke run of this code under the
+    interpreter)."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (triton interpreter)"
+    print(f"{name}, torch {torch.__version__}, triton {dct.triton.__version__}, {repeats} interleaved repeats, "
+          "median ms")
     header = "| layer | dtype | path | fwd ms | fwd+bwd ms | fwd+bwd / dense | peak MiB (fwd+bwd) | max rel dev |"
     print(header + "\n|" + "---|" * 8)
-    for dim, channels, size in LAYERS:
+    for dim, channels, size in layers:
         for dtype_name in dtypes:
             t, grad_out = _layer(dim, channels, size, DTYPES[dtype_name], device)
             paths = _paths(dim)
@@ -97,8 +102,8 @@ def time_layers(dtypes, repeats):
             times = {name: ([], []) for name in paths}
             for _ in range(repeats):
                 for name, f in paths.items():
-                    times[name][0].append(_timed(lambda: fwd(f)))
-                    times[name][1].append(_timed(lambda: fwd_bwd(f)))
+                    times[name][0].append(_timed(lambda: fwd(f), device))
+                    times[name][1].append(_timed(lambda: fwd_bwd(f), device))
             fwd_bwd(paths["PyTorch deform_conv_nd"])
             ref = [paths["PyTorch deform_conv_nd"](t).detach().float()] + [v.grad.float() for v in leaves]
             fwd_bwd(paths["Triton deform_conv_triton"])
