@@ -1,5 +1,7 @@
 """FAM blocks (SCRNet Eq. 6-12) and the SCRM: shapes and gradients in 2D/3D, the shift initialisation against
-explicit shifts, windowed attention against a per-window computation, SK weights, path weights."""
+explicit shifts, the composed conv path against FC-then-shift, grouped Feature-Initialize blocks against separate
+ConvMixer blocks, windowed attention against a per-window computation, SK weights, path weights, the fused SCRM
+against its blocks applied one after the other."""
 import itertools
 import math
 
@@ -13,7 +15,6 @@ from nnunet_ext.building_blocks.feature_aggregation import (CCAPM, SCRM, Feature
                                                              window_sizes)
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
-NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 SHAPE = {2: (2, 16, 16, 24), 3: (2, 8, 8, 8, 12)}
 
 
@@ -38,6 +39,51 @@ def test_shift_initialisation_equals_shifts(dim):
         g = o // (channels // head_channels)  # output channel o belongs to group g (its k^d input maps)
         expected = sum(shifted(x[:, g * positions + i: g * positions + i + 1], off) for i, off in enumerate(offsets))
         torch.testing.assert_close(out[:, o: o + 1], expected)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_conv_path_is_fc_then_shift(dim):
+    """Eq. 8 as ACmix writes it: per head channel j, FC (no bias) over the 3 * heads maps (q, k, v heads) to k^d
+    maps, then the grouped shift conv; the path computes it as one conv with the composed weight."""
+    torch.manual_seed(0)
+    channels, heads = 8, 4
+    path = ShiftConvPath(CONV[dim], channels, heads)
+    with torch.no_grad():
+        path.shift.weight.add_(0.1 * torch.randn_like(path.shift.weight))  # trained, no longer pure shifts
+        path.shift.bias.uniform_(-1, 1)
+    spatial = (6, 5) if dim == 2 else (4, 5, 3)
+    q, k, v = (torch.randn(2, channels, *spatial) for _ in range(3))
+    hc = channels // heads
+    head_maps = torch.cat([t.reshape(2, heads, hc, -1) for t in (q, k, v)], dim=1)  # (B, 3 heads, hc, N)
+    mixed = torch.einsum("it,btjn->bjin", path.fc.weight, head_maps)  # (B, hc, k^d, N)
+    expected = path.shift(mixed.reshape(2, hc * path.positions, *spatial))
+    torch.testing.assert_close(path(q, k, v), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(path(q, k, v, torch.tensor(0.3)), 0.3 * expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_grouped_feature_initialize_equals_separate_convmixer_blocks(dim):
+    torch.manual_seed(0)
+    conv = (F.conv2d, F.conv3d)[dim - 2]
+    c, blocks = 4, 3
+    fi = FeatureInitialize(CONV[dim], 6, c, 3, blocks)
+    with torch.no_grad():
+        for norm in (fi.norm_depthwise, fi.norm_pointwise):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 6, *([5] * dim))
+    out = fi(x)
+    assert out.shape == (2, blocks * c, *([5] * dim))
+    for i in range(blocks):
+        rows = slice(i * c, (i + 1) * c)
+
+        def norm(t, module):
+            return F.instance_norm(t, weight=module.weight[rows], bias=module.bias[rows], eps=1e-5)
+        p = conv(x, fi.project.weight[rows], fi.project.bias[rows])
+        p = p + norm(F.gelu(conv(p, fi.depthwise.weight[rows], fi.depthwise.bias[rows], padding=1, groups=c)),
+                     fi.norm_depthwise)
+        expected = norm(F.gelu(conv(p, fi.pointwise.weight[rows], fi.pointwise.bias[rows])), fi.norm_pointwise)
+        torch.testing.assert_close(out[:, rows], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_window_sizes_largest_divisor():
@@ -85,14 +131,46 @@ def test_sk_weights_sum_to_one_per_channel():
     assert sk.squeeze[0].out_channels == 32  # SKNet's d = max(C / 16, 32)
 
 
-def test_ccapm_is_weighted_sum_of_paths_with_half_weights():
+@pytest.mark.parametrize("dim", [2, 3])
+def test_ccapm_is_weighted_sum_of_paths(dim):
     torch.manual_seed(0)
-    ccapm = CCAPM(nn.Conv2d, 8, 3, nn.InstanceNorm2d, {"affine": True}, heads=4, window_size=4)
+    ccapm = CCAPM(CONV[dim], 8, heads=4, window_size=4)
     assert ccapm.w_conv.item() == 0.5 and ccapm.w_cross.item() == 0.5
-    f1, f2 = torch.randn(2, 8, 8, 8), torch.randn(2, 8, 8, 8)
-    q, k, v = ccapm.fi_query(f1), ccapm.fi_key(f2), ccapm.fi_value(f2)
+    q, k, v = (torch.randn(2, 8, *([8] * dim)) for _ in range(3))
     expected = 0.5 * ccapm.conv_path(q, k, v) + 0.5 * ccapm.attention(q, k, v)
-    torch.testing.assert_close(ccapm(f1, f2), expected)
+    torch.testing.assert_close(ccapm(q, k, v), expected)
+    with torch.no_grad():
+        ccapm.w_conv.fill_(0.2)
+        ccapm.w_cross.fill_(1.5)
+    expected = 0.2 * ccapm.conv_path(q, k, v) + 1.5 * ccapm.attention(q, k, v)
+    torch.testing.assert_close(ccapm(q, k, v), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fam_routes_features_into_the_ccapms():
+    """Eq. 6: CCAPM_1 takes its query from X_H and key/value from X_L, CCAPM_2 the reverse."""
+    torch.manual_seed(0)
+    fam = FeatureAggregationModule(nn.Conv2d, 8, 3, window_size=4)
+    x_h, x_l = torch.randn(1, 8, 8, 8), torch.randn(1, 8, 8, 8)
+    (q1, k1, v1), (q2, k2, v2) = fam.ccapm_inputs(fam.fi_high(x_h), fam.fi_low(x_l))
+    (q1b, k1b, v1b), (q2b, k2b, v2b) = fam.ccapm_inputs(fam.fi_high(x_h), fam.fi_low(x_l + 1.0))
+    torch.testing.assert_close(q1, q1b)
+    torch.testing.assert_close(k2, k2b)
+    torch.testing.assert_close(v2, v2b)
+    assert not any(torch.allclose(a, b) for a, b in ((k1, k1b), (v1, v1b), (q2, q2b)))
+    expected = fam.fuse(fam.ccapm_high(q1, k1, v1), fam.ccapm_low(q2, k2, v2))
+    torch.testing.assert_close(fam(x_h, x_l), expected)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_scrm_equals_its_blocks_in_sequence(dim):
+    """The SCRM's fused forward (channels-last, X_L folded into the FI projection) is FAM(CR(SG(x)))."""
+    torch.manual_seed(0)
+    scrm = SCRM(CONV[dim], 16, 3, window_size=4)
+    x = torch.randn(2, 16, *([8] * dim))
+    expected = scrm.fam(*scrm.channel_refinement(scrm.spatial_gate(x)))
+    out = scrm(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert out.is_contiguous()
 
 
 def assert_every_parameter_has_gradient(module: nn.Module):
@@ -106,8 +184,7 @@ def test_blocks_shapes_and_gradients(dim):
     torch.manual_seed(0)
     shape = SHAPE[dim]
     c = shape[1]
-    norm_kwargs = {"affine": True}
-    fi = FeatureInitialize(CONV[dim], 3, c, 3, NORM[dim], norm_kwargs)
+    fi = FeatureInitialize(CONV[dim], 3, c, 3)
     x3 = torch.randn(shape[0], 3, *shape[2:], requires_grad=True)
     y = fi(x3)
     assert y.shape == shape
@@ -115,7 +192,7 @@ def test_blocks_shapes_and_gradients(dim):
     assert_every_parameter_has_gradient(fi)
     assert x3.grad.abs().sum() > 0
 
-    fam = FeatureAggregationModule(CONV[dim], c, 3, NORM[dim], norm_kwargs, window_size=4)
+    fam = FeatureAggregationModule(CONV[dim], c, 3, window_size=4)
     x_h, x_l = torch.randn(shape, requires_grad=True), torch.randn(shape, requires_grad=True)
     y = fam(x_h, x_l)
     assert y.shape == shape
@@ -123,7 +200,7 @@ def test_blocks_shapes_and_gradients(dim):
     assert_every_parameter_has_gradient(fam)
     assert x_h.grad.abs().sum() > 0 and x_l.grad.abs().sum() > 0
 
-    scrm = SCRM(CONV[dim], c, 3, NORM[dim], norm_kwargs, window_size=4)
+    scrm = SCRM(CONV[dim], c, 3, window_size=4)
     x = torch.randn(shape, requires_grad=True)
     y = scrm(x)
     assert y.shape == shape

@@ -78,3 +78,28 @@ def test_channel_refinement_shapes_split_and_gradient(dim, channels):
     (x_h.sum() + x_l.square().sum()).backward()
     assert x.grad.abs().sum() > 0
     assert all(p.grad is not None for p in cr.parameters())
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_projection_of_x_l_from_x_c2_equals_projection_of_x_l(dim):
+    """Eq. 5 folded into a following 1x1 conv: P cat(X_C2, PWC(X_C2)) = (P_1 + P_2 W_pwc) X_C2 (+ bias)."""
+    torch.manual_seed(0)
+    cr = ChannelRefinement(CONV[dim], 16, 3)
+    projection = CONV[dim](16, 24, 1)
+    x = torch.randn(2, 16, *([5] * dim))
+    x_h, x_l = cr(x)
+    x_h2, x_c2 = cr.high_and_squeezed_low(x[:, :8], x[:, 8:])
+    torch.testing.assert_close(x_h2, x_h)
+    assert x_c2.shape[1] == 4
+    torch.testing.assert_close(cr.project_low(x_c2, projection), projection(x_l), atol=1e-5, rtol=1e-5)
+
+
+def test_spatial_gate_halves_are_the_reconstruction():
+    torch.manual_seed(0)
+    gate = SpatialGate(8)
+    x = torch.randn(2, 8, 4, 4)
+    w1, w2 = gate.gate_weights(x)
+    x_w1, x_w2 = w1 * x, w2 * x
+    up, low = gate.halves(x)
+    torch.testing.assert_close(up, x_w1[:, :4] + x_w2[:, 4:])
+    torch.testing.assert_close(low, x_w1[:, 4:] + x_w2[:, :4])

@@ -75,8 +75,8 @@ class SCRNet(nn.Module):
             self.pools.append(pool_op(stride, stride) if any(v > 1 for v in stride) else nn.Identity())
             self.encoder_convs.append(StackedConvBlocks(n_conv_per_stage[s], conv_op, channels, width,
                                                         self.kernel_sizes[s], 1, **block))
-            self.scrms.append(SCRM(conv_op, width, self.kernel_sizes[s], norm_op, norm_op_kwargs, heads, window_size,
-                                  recompute=checkpoint_scrm))
+            self.scrms.append(SCRM(conv_op, width, self.kernel_sizes[s], heads, window_size, recompute=checkpoint_scrm,
+                                   eps=(norm_op_kwargs or {}).get("eps", 1e-5)))
             channels = width
 
         transp_op = get_matching_convtransp(conv_op)

@@ -27,7 +27,7 @@
 - ``SCRM``: ``FAM(CR(SG(x)))``, ``C`` -> ``C`` channels.
 """
 from math import gcd, prod
-from typing import List, Optional, Sequence, Type, Union
+from typing import List, Sequence, Tuple, Type, Union
 
 import torch
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
@@ -45,21 +45,46 @@ def _padding(kernel_size: KernelSize):
     return [k // 2 for k in kernel_size] if isinstance(kernel_size, (list, tuple)) else kernel_size // 2
 
 
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding, groups: int) -> torch.Tensor:
+    return (F.conv2d, F.conv3d)[x.ndim - 4](x, weight, bias, padding=padding, groups=groups)
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in channels-last memory order (oneDNN's fast layout for 1x1, depth-wise and grouped convs on the CPU)."""
+    return x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
+
+
 class FeatureInitialize(nn.Module):
-    """FI block: 1x1 conv, then a ConvMixer block (residual depth-wise conv -> GELU -> norm, 1x1 -> GELU -> norm)."""
+    """``blocks`` FI blocks that read the same input, computed together: block ``i`` is a 1x1 conv ``in -> C``
+    then a ConvMixer block, ``p + Norm(GELU(DWConv(p)))`` then ``Norm(GELU(PWConv(.)))``. The blocks' 1x1
+    projections are one ``in -> blocks * C`` conv, their depth-wise convs one depth-wise conv, their point-wise
+    convs one grouped conv (``groups = blocks``), their norms one call: the same function as ``blocks`` separate
+    blocks. ``forward`` returns ``(B, blocks * C, ...)``, block ``i`` in channels ``[i C, (i + 1) C)``.
+
+    The norm is per-channel instance normalisation with an affine map (``nn.GroupNorm`` with one channel per
+    group, which is ``InstanceNorm`` exactly): ConvMixer uses BatchNorm; we keep nnU-Net's default per-sample
+    norm (its batches are 2-4 patches, and the SCRM recomputation would update BatchNorm's running statistics
+    twice).
+    """
 
     def __init__(self, conv_op: Type[_ConvNd], in_channels: int, channels: int, kernel_size: KernelSize,
-                 norm_op: Type[nn.Module], norm_op_kwargs: Optional[dict] = None):
+                 blocks: int = 1, eps: float = 1e-5):
         super().__init__()
-        norm_op_kwargs = norm_op_kwargs or {}
-        self.project = conv_op(in_channels, channels, 1)
-        self.depthwise = nn.Sequential(conv_op(channels, channels, kernel_size, padding=_padding(kernel_size),
-                                               groups=channels), nn.GELU(), norm_op(channels, **norm_op_kwargs))
-        self.pointwise = nn.Sequential(conv_op(channels, channels, 1), nn.GELU(), norm_op(channels, **norm_op_kwargs))
+        width = blocks * channels
+        self.blocks, self.channels = blocks, channels
+        self.project = conv_op(in_channels, width, 1)
+        self.depthwise = conv_op(width, width, kernel_size, padding=_padding(kernel_size), groups=width)
+        self.norm_depthwise = nn.GroupNorm(width, width, eps)
+        self.pointwise = conv_op(width, width, 1, groups=blocks)
+        self.norm_pointwise = nn.GroupNorm(width, width, eps)
+
+    def mix(self, p: torch.Tensor) -> torch.Tensor:
+        """The ConvMixer blocks on the projected ``p``."""
+        p = p + self.norm_depthwise(F.gelu(self.depthwise(p)))
+        return self.norm_pointwise(F.gelu(self.pointwise(p)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.project(x)
-        return self.pointwise(x + self.depthwise(x))
+        return self.mix(self.project(x))
 
 
 def shift_kernels(dim: int, kernel_size: int) -> torch.Tensor:
@@ -70,15 +95,21 @@ def shift_kernels(dim: int, kernel_size: int) -> torch.Tensor:
 
 
 class ShiftConvPath(nn.Module):
-    """Eq. 7-8: ``Y_conv = Shift(FC(cat(q, k, v)))`` (ACmix's convolution path), ``C`` channels out."""
+    """Eq. 7-8: ``Y_conv = Shift(FC(cat(q, k, v)))`` (ACmix's convolution path), ``C`` channels out.
+
+    ``fc`` maps the ``3 * heads`` head maps of each head channel to ``k^d`` maps (ACmix: a 1x1 conv without
+    bias), ``shift`` is the grouped ``k^d``-kernel conv (``groups = C / heads``) initialised as shifts. Both are
+    linear with nothing between them, so ``forward`` applies their composition, one grouped conv from the
+    ``3 * heads`` maps of each head channel with weight ``W[o, t] = sum_i K[o, i] fc[i, t]`` and ``shift``'s bias
+    (the same function as FC then shift; ``scale`` multiplies it, as CCAPM's ``w_conv``).
+    """
 
     def __init__(self, conv_op: Type[_ConvNd], channels: int, heads: int, kernel_size: int = 3):
         super().__init__()
         self.heads, self.head_channels = heads, channels // heads
         dim = convert_conv_op_to_dim(conv_op)
         self.positions = kernel_size ** dim
-        # the FC acts on the head axis of a (B, 3*heads, C/heads, N) view: a 1x1 Conv2d for every dimension
-        self.fc = nn.Conv2d(3 * heads, self.positions, 1)
+        self.fc = nn.Linear(3 * heads, self.positions, bias=False)
         self.shift = conv_op(self.head_channels * self.positions, channels, kernel_size, padding=kernel_size // 2,
                              groups=self.head_channels)
         with torch.no_grad():
@@ -86,12 +117,19 @@ class ShiftConvPath(nn.Module):
                 channels, *([1] * (dim + 1))))
             self.shift.bias.zero_()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        b, _, *spatial = q.shape
-        n = prod(spatial)
-        heads = [t.reshape(b, self.heads, self.head_channels, n) for t in (q, k, v)]
-        mixed = self.fc(torch.cat(heads, dim=1))  # (B, k^d, C/heads, N)
-        return self.shift(mixed.transpose(1, 2).reshape(b, self.head_channels * self.positions, *spatial))
+    def stack_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``(B, 3 C, ...)`` channels-last, channel ``(j * 3 + t) * heads + h`` = channel ``h * C / heads + j`` of
+        ``(q, k, v)[t]``: the ``3 * heads`` maps of head channel ``j`` side by side (one group of the conv)."""
+        b, c, *spatial = q.shape
+        parts = [t.movedim(1, -1).reshape(b, *spatial, self.heads, self.head_channels).transpose(-1, -2)
+                 for t in (q, k, v)]
+        return torch.stack(parts, dim=-2).reshape(b, *spatial, 3 * c).movedim(-1, 1)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                scale: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
+        weight = torch.einsum("oi...,it->ot...", self.shift.weight, self.fc.weight)
+        return _conv(self.stack_heads(q, k, v), scale * weight, scale * self.shift.bias, self.shift.padding,
+                     self.head_channels)
 
 
 def window_sizes(spatial: Sequence[int], window_size: int) -> List[int]:
@@ -107,44 +145,61 @@ class WindowCrossAttention(nn.Module):
         self.heads, self.window_size = heads, window_size
 
     def _to_windows(self, x: torch.Tensor, windows: Sequence[int]) -> torch.Tensor:
+        """``(B * heads * windows, tokens, C / heads)``, from a channels-last view of ``x`` (one copy)."""
         b, c, *spatial = x.shape
         d = len(spatial)
         split = [n for s, w in zip(spatial, windows) for n in (s // w, w)]
-        x = x.reshape(b, self.heads, c // self.heads, *split)
-        # (B, heads, head_ch, n1, w1, n2, w2, ...) -> (B, heads, n1, n2, ..., w1, w2, ..., head_ch)
-        order = [0, 1, *range(3, 3 + 2 * d, 2), *range(4, 4 + 2 * d, 2), 2]
-        return x.permute(order).reshape(b, self.heads * prod(s // w for s, w in zip(spatial, windows)),
+        x = x.movedim(1, -1).reshape(b, *split, self.heads, c // self.heads)
+        # (B, n1, w1, n2, w2, ..., heads, head_ch) -> (B, heads, n1, n2, ..., w1, w2, ..., head_ch)
+        order = [0, 1 + 2 * d, *range(1, 1 + 2 * d, 2), *range(2, 2 + 2 * d, 2), 2 + 2 * d]
+        return x.permute(order).reshape(b * self.heads * prod(s // w for s, w in zip(spatial, windows)),
                                         prod(windows), c // self.heads)
+
+    def windowed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+        """The attention output in window order, ``(B, heads, n1, n2, ..., w1, w2, ..., C / heads)``, and the
+        window sizes."""
+        b, c, *spatial = q.shape
+        windows = window_sizes(spatial, self.window_size)
+        out = F.scaled_dot_product_attention(*(self._to_windows(t, windows).unsqueeze(0) for t in (q, k, v)))
+        counts = [s // w for s, w in zip(spatial, windows)]
+        return out.reshape(b, self.heads, *counts, *windows, c // self.heads), windows
+
+    @staticmethod
+    def image_order(windowed: torch.Tensor) -> torch.Tensor:
+        """A view of the windowed output as ``(B, n1, w1, n2, w2, ..., heads, C / heads)``: the order of a
+        channels-last map viewed as ``(B, *spatial, C)`` with each axis split into windows."""
+        d = (windowed.ndim - 3) // 2
+        return windowed.permute(0, *[i for a in range(d) for i in (2 + a, 2 + d + a)], 1, 2 + 2 * d)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = q.shape
-        d = len(spatial)
-        windows = window_sizes(spatial, self.window_size)
-        out = F.scaled_dot_product_attention(*(self._to_windows(t, windows) for t in (q, k, v)))
-        counts = [s // w for s, w in zip(spatial, windows)]
-        out = out.reshape(b, self.heads, *counts, *windows, c // self.heads)
-        # back to (B, heads, head_ch, n1, w1, n2, w2, ...)
-        order = [0, 1, 2 + 2 * d, *[i for a in range(d) for i in (2 + a, 2 + d + a)]]
-        return out.permute(order).reshape(b, c, *spatial)
+        out = self.image_order(self.windowed(q, k, v)[0])
+        return out.reshape(b, *spatial, c).movedim(-1, 1)
 
 
 class CCAPM(nn.Module):
-    """Convolution & Cross-Attention Parallel Module (Eq. 7-9): ``CCAPM(f1, f2)``, ``C`` channels in and out."""
+    """Convolution & Cross-Attention Parallel Module (Eq. 7-9) on the Feature-Initialize outputs:
+    ``CCAPM(q, k, v) = w_conv * Y_conv + w_cross * Y_cross``, ``C`` channels, learnable scalars initialised 0.5.
+    ``w_conv`` scales the convolution path's composed weight and bias; ``w_cross * Y_cross`` is added in the
+    attention's window order (one pass, no separate copy back to image order)."""
 
-    def __init__(self, conv_op: Type[_ConvNd], channels: int, kernel_size: KernelSize, norm_op: Type[nn.Module],
-                 norm_op_kwargs: Optional[dict] = None, heads: int = 4, window_size: int = 8, shift_kernel: int = 3):
+    def __init__(self, conv_op: Type[_ConvNd], channels: int, heads: int = 4, window_size: int = 8,
+                 shift_kernel: int = 3):
         super().__init__()
         heads = gcd(heads, channels)
-        self.fi_query, self.fi_key, self.fi_value = (
-            FeatureInitialize(conv_op, channels, channels, kernel_size, norm_op, norm_op_kwargs) for _ in range(3))
         self.conv_path = ShiftConvPath(conv_op, channels, heads, shift_kernel)
         self.attention = WindowCrossAttention(heads, window_size)
         self.w_conv = nn.Parameter(torch.tensor(0.5))
         self.w_cross = nn.Parameter(torch.tensor(0.5))
 
-    def forward(self, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.fi_query(f1), self.fi_key(f2), self.fi_value(f2)
-        return self.w_conv * self.conv_path(q, k, v) + self.w_cross * self.attention(q, k, v)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, c, *spatial = q.shape
+        y_conv = self.conv_path(q, k, v, self.w_conv)
+        windowed, windows = self.attention.windowed(q, k, v)
+        split = [n for s, w in zip(spatial, windows) for n in (s // w, w)]
+        y_conv = y_conv.movedim(1, -1).reshape(b, *split, self.attention.heads, c // self.attention.heads)
+        y = torch.addcmul(y_conv, self.attention.image_order(windowed), self.w_cross)
+        return y.reshape(b, *spatial, c).movedim(-1, 1)
 
 
 class SKFusion(nn.Module):
@@ -157,63 +212,89 @@ class SKFusion(nn.Module):
         self.select = conv_op(hidden, 2 * channels, 1)
 
     def weights(self, y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
-        """``(B, 2, C, 1, ...)``: the branch weights, summing to 1 over dim 1 for every channel."""
-        pooled = (y1 + y2).mean(dim=tuple(range(2, y1.ndim)), keepdim=True)
-        logits = self.select(self.squeeze(pooled))
+        """``(B, 2, C, 1, ...)``: the branch weights, summing to 1 over dim 1 for every channel
+        (``GAP(Y1 + Y2) = GAP(Y1) + GAP(Y2)``, without the sum map)."""
+        axes = tuple(range(2, y1.ndim))
+        logits = self.select(self.squeeze(y1.mean(dim=axes, keepdim=True) + y2.mean(dim=axes, keepdim=True)))
         return torch.softmax(logits.view(y1.shape[0], 2, y1.shape[1], *logits.shape[2:]), dim=1)
 
     def forward(self, y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
         a = self.weights(y1, y2)
-        return a[:, 0] * y1 + a[:, 1] * y2
+        return torch.addcmul(a[:, 1] * y2, a[:, 0], y1)
 
 
 class FeatureAggregationModule(nn.Module):
-    """FAM (Eq. 6): ``SK(CCAPM_1(X_H, X_L), CCAPM_2(X_L, X_H))``."""
+    """FAM (Eq. 6): ``SK(CCAPM_1(X_H, X_L), CCAPM_2(X_L, X_H))``.
 
-    def __init__(self, conv_op: Type[_ConvNd], channels: int, kernel_size: KernelSize, norm_op: Type[nn.Module],
-                 norm_op_kwargs: Optional[dict] = None, heads: int = 4, window_size: int = 8):
+    The six Feature-Initialize blocks are grouped by their input: ``fi_high`` on ``X_H`` = (query of CCAPM_1,
+    key and value of CCAPM_2), ``fi_low`` on ``X_L`` = (key and value of CCAPM_1, query of CCAPM_2); each group
+    is computed as one ``FeatureInitialize`` with ``blocks = 3``.
+    """
+
+    def __init__(self, conv_op: Type[_ConvNd], channels: int, kernel_size: KernelSize, heads: int = 4,
+                 window_size: int = 8, eps: float = 1e-5):
         super().__init__()
-        self.ccapm_high, self.ccapm_low = (CCAPM(conv_op, channels, kernel_size, norm_op, norm_op_kwargs, heads,
-                                                 window_size) for _ in range(2))
+        self.fi_high, self.fi_low = (FeatureInitialize(conv_op, channels, channels, kernel_size, 3, eps)
+                                     for _ in range(2))
+        self.ccapm_high, self.ccapm_low = (CCAPM(conv_op, channels, heads, window_size) for _ in range(2))
         self.fuse = SKFusion(conv_op, channels)
 
+    def ccapm_inputs(self, high: torch.Tensor, low: torch.Tensor) -> Tuple[Tuple[torch.Tensor, ...], ...]:
+        """``((q1, k1, v1), (q2, k2, v2))`` from the outputs of ``fi_high`` and ``fi_low``."""
+        q1, k2, v2 = high.chunk(3, dim=1)
+        k1, v1, q2 = low.chunk(3, dim=1)
+        return (q1, k1, v1), (q2, k2, v2)
+
     def forward(self, x_h: torch.Tensor, x_l: torch.Tensor) -> torch.Tensor:
-        return self.fuse(self.ccapm_high(x_h, x_l), self.ccapm_low(x_l, x_h))
+        first, second = self.ccapm_inputs(self.fi_high(x_h), self.fi_low(x_l))
+        return self.fuse(self.ccapm_high(*first), self.ccapm_low(*second))
 
 
 class SCRM(nn.Module):
     """Spatial-Channel Regulation Module: ``FAM(CR(SG(x)))``, ``C`` channels in and out.
 
-    ``recompute``: in training, store only the inputs of the Spatial Gate, the Channel Refinement, the two CCAPMs
-    and the SK fusion, and recompute their internals in the backward pass (``torch.utils.checkpoint``): the same
-    values and gradients, with at most one CCAPM's internals alive at a time.
+    Runs channels-last inside (returns ``x``'s layout). ``X_L`` is never materialised: ``fi_low``'s projection
+    reads ``X_C2`` through ``ChannelRefinement.project_low``. ``recompute``: in training, store only the inputs
+    of the parts (Spatial Gate with Channel Refinement, each Feature-Initialize group, each CCAPM, SK fusion)
+    and recompute their internals in the backward pass (``torch.utils.checkpoint``): the same values and
+    gradients for one more forward pass of the parts.
     """
 
-    def __init__(self, conv_op: Type[_ConvNd], channels: int, kernel_size: KernelSize, norm_op: Type[nn.Module],
-                 norm_op_kwargs: Optional[dict] = None, heads: int = 4, window_size: int = 8, recompute: bool = False):
+    def __init__(self, conv_op: Type[_ConvNd], channels: int, kernel_size: KernelSize, heads: int = 4,
+                 window_size: int = 8, recompute: bool = False, eps: float = 1e-5):
         super().__init__()
         self.spatial_gate = SpatialGate(channels)
         self.channel_refinement = ChannelRefinement(conv_op, channels, kernel_size)
-        self.fam = FeatureAggregationModule(conv_op, channels, kernel_size, norm_op, norm_op_kwargs, heads,
-                                            window_size)
+        if self.channel_refinement.up_channels * 2 != channels:
+            raise ValueError(f"SCRM needs the Channel Refinement split at the Spatial Gate's halves, got {channels}")
+        self.fam = FeatureAggregationModule(conv_op, channels, kernel_size, heads, window_size, eps)
         self.recompute = recompute
 
-    def _run(self, module: nn.Module, *inputs: torch.Tensor):
+    def _run(self, function, *inputs: torch.Tensor):
         if self.recompute and self.training and torch.is_grad_enabled():
-            return checkpoint(module, *inputs, use_reentrant=False)
-        return module(*inputs)
+            return checkpoint(function, *inputs, use_reentrant=False)
+        return function(*inputs)
+
+    def _refine(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.channel_refinement.high_and_squeezed_low(*self.spatial_gate.halves(x))
+
+    def _initialise_low(self, x_c2: torch.Tensor) -> torch.Tensor:
+        fi = self.fam.fi_low
+        return fi.mix(self.channel_refinement.project_low(x_c2, fi.project))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_h, x_l = self._run(self.channel_refinement, self._run(self.spatial_gate, x))
         fam = self.fam
-        return self._run(fam.fuse, self._run(fam.ccapm_high, x_h, x_l), self._run(fam.ccapm_low, x_l, x_h))
+        x_h, x_c2 = self._run(self._refine, channels_last(x))
+        first, second = fam.ccapm_inputs(self._run(fam.fi_high, x_h), self._run(self._initialise_low, x_c2))
+        out = self._run(fam.fuse, self._run(fam.ccapm_high, *first), self._run(fam.ccapm_low, *second))
+        return out.contiguous(memory_format=torch.contiguous_format) if x.is_contiguous() else out
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         """Elements of the conv, norm and attention outputs for an input of spatial size ``input_size``
         (the unit of dynamic-network-architectures' planner estimate)."""
         c, cr = self.fam.fuse.select.out_channels // 2, self.channel_refinement
-        refinement = cr.squeeze_high.out_channels + cr.squeeze_low.out_channels + 2 * c + cr.pwc_low.out_channels
-        path = self.fam.ccapm_high.conv_path
-        ccapm = 9 * c + path.positions * path.head_channels + 2 * c  # 3 FI x 3 maps, FC, shift, attention
-        return int(prod(input_size)) * (c + refinement + 2 * ccapm + c)
+        refinement = cr.squeeze_high.out_channels + cr.squeeze_low.out_channels + 2 * c  # squeezes, GWC + PWC
+        initialise = 2 * 5 * 3 * c  # 2 groups of 3 FI blocks: projection, depth-wise, norm, point-wise, norm
+        ccapm = 3 * c + c + 3 * c + c  # stacked heads, conv path, attention windows (q, k, v), attention
+        return int(prod(input_size)) * (c + refinement + initialise + 2 * ccapm + c)
 

@@ -6,17 +6,24 @@ Spatial Gate (Eq. 1-3), SCConv's SRU in the form of its reference code (the "cur
 a softmax, the reference code normalises by the sum; we follow the code); ``W = sigmoid(GN(X) * w_gamma)``;
 ``W1 = where(W > t, 1, W)``, ``W2 = where(W > t, 0, W)`` with threshold ``t = 0.5``; ``X_w1 = W1 * X``,
 ``X_w2 = W2 * X`` (both on the raw input); output ``cat(X_w1^1 + X_w2^2, X_w1^2 + X_w2^1)`` over channel halves.
+Computed in fewer passes over the maps, with the same values and gradients: ``WX = W * X``,
+``X_w1 = where(W > t, X, WX)``, ``X_w2 = where(W > t, 0, WX)``; ``halves`` returns the two halves of Eq. 3 without
+concatenating them (the Channel Refinement splits them again at ``alpha = 1/2``).
 
 Channel Refinement (Eq. 4-5), SCConv's CRU without its fusion (SCRNet replaces it by the FAM): split the
 channels at ``alpha = 1/2``, squeeze each part by 2 with a 1x1 conv (``X_C1``, ``X_C2``);
 ``X_H = GWC(X_C1) + PWC(X_C1)`` (group-wise conv, 2 groups, the plan's kernel size; point-wise conv), both
-``C`` channels wide; ``X_L = cat(X_C2, PWC(X_C2))``, also ``C`` channels.
+``C`` channels wide; ``X_L = cat(X_C2, PWC(X_C2))``, also ``C`` channels. ``X_L`` is only ever read by 1x1
+convolutions (the Feature-Initialize projections), and ``P cat(X_C2, PWC(X_C2)) = (P_1 + P_2 W_pwc) X_C2`` for a
+1x1 weight ``P = [P_1, P_2]``: ``project_low`` applies that composed weight to ``X_C2`` (``C / 4`` channels) instead
+of materialising ``X_L`` (the same function; fewer operations).
 """
 from math import gcd
 from typing import Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.modules.conv import _ConvNd
 
 
@@ -36,24 +43,29 @@ class SpatialGate(nn.Module):
         self.gn = nn.GroupNorm(gcd(group_num, channels), channels)
         self.gate_threshold = gate_threshold
 
+    def _gate(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``W`` of Eq. 1 and the mask ``W > t`` of Eq. 2."""
+        w_gamma = (self.gn.weight / self.gn.weight.sum()).view(1, -1, *([1] * (x.ndim - 2)))
+        w = torch.sigmoid(self.gn(x) * w_gamma)
+        return w, w > self.gate_threshold
+
     def gate_weights(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(W1, W2)`` of Eq. 2: the informative weights (1 above the threshold) and the non-informative
         ones (0 above the threshold)."""
-        w_gamma = (self.gn.weight / self.gn.weight.sum()).view(1, -1, *([1] * (x.ndim - 2)))
-        w = torch.sigmoid(self.gn(x) * w_gamma)
-        above = w > self.gate_threshold
-        return torch.where(above, torch.ones_like(w), w), torch.where(above, torch.zeros_like(w), w)
+        w, above = self._gate(x)
+        return w.masked_fill(above, 1.0), w.masked_fill(above, 0.0)
 
-    @staticmethod
-    def reconstruct(x_w1: torch.Tensor, x_w2: torch.Tensor) -> torch.Tensor:
-        """Eq. 3: ``cat(X_w1^1 + X_w2^2, X_w1^2 + X_w2^1)``."""
-        x11, x12 = torch.chunk(x_w1, 2, dim=1)
-        x21, x22 = torch.chunk(x_w2, 2, dim=1)
-        return torch.cat((x11 + x22, x12 + x21), dim=1)
+    def halves(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The two channel halves of Eq. 3, ``(X_w1^1 + X_w2^2, X_w1^2 + X_w2^1)``, with ``X_w1 = where(W > t, X,
+        W X)`` and ``X_w2 = where(W > t, 0, W X)`` (= ``W1 X`` and ``W2 X``)."""
+        w, above = self._gate(x)
+        wx = w * x
+        x_w1, x_w2 = torch.where(above, x, wx), wx.masked_fill(above, 0.0)
+        half = x.shape[1] // 2
+        return x_w1[:, :half] + x_w2[:, half:], x_w1[:, half:] + x_w2[:, :half]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w1, w2 = self.gate_weights(x)
-        return self.reconstruct(w1 * x, w2 * x)
+        return torch.cat(self.halves(x), dim=1)
 
 
 class ChannelRefinement(nn.Module):
@@ -81,9 +93,21 @@ class ChannelRefinement(nn.Module):
         self.pwc_high = conv_op(up_sq, channels, 1, bias=False)
         self.pwc_low = conv_op(low_sq, channels - low_sq, 1, bias=False)
 
+    def high_and_squeezed_low(self, up: torch.Tensor, low: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(X_H, X_C2)`` from the two channel parts (``up``: the first ``alpha * C`` channels)."""
+        x_c1 = self.squeeze_high(up)
+        return self.gwc(x_c1) + self.pwc_high(x_c1), self.squeeze_low(low)
+
+    def project_low(self, x_c2: torch.Tensor, projection: _ConvNd) -> torch.Tensor:
+        """``projection(X_L)`` for a 1x1 conv ``projection``, as one 1x1 conv of ``X_C2`` with the composed weight
+        ``P_1 + P_2 W_pwc`` (``P_1``: the columns of ``P`` that read ``X_C2``, ``P_2``: those that read
+        ``PWC(X_C2)``)."""
+        p = projection.weight.flatten(1)
+        low_sq = x_c2.shape[1]
+        weight = p[:, :low_sq] + p[:, low_sq:] @ self.pwc_low.weight.flatten(1)
+        conv = (F.conv2d, F.conv3d)[x_c2.ndim - 4]
+        return conv(x_c2, weight.view(*weight.shape, *([1] * (x_c2.ndim - 2))), projection.bias)
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        up, low = torch.split(x, [self.up_channels, self.low_channels], dim=1)
-        x_c1, x_c2 = self.squeeze_high(up), self.squeeze_low(low)
-        x_h = self.gwc(x_c1) + self.pwc_high(x_c1)
-        x_l = torch.cat((x_c2, self.pwc_low(x_c2)), dim=1)
-        return x_h, x_l
+        x_h, x_c2 = self.high_and_squeezed_low(*torch.split(x, [self.up_channels, self.low_channels], dim=1))
+        return x_h, torch.cat((x_c2, self.pwc_low(x_c2)), dim=1)
