@@ -1,170 +1,284 @@
-"""Cost of the deformable convolution and of LFAM U-Net (vs dense conv / plain U-Net).
+"""Cost of the deformable convolution (per backend) and of the LFAM U-Net, as ratios measured in one run.
 
-    python -m benchmarks.deform_conv_and_lfam [--device cpu|cuda] [--repeats 3] [--all]
+    python -m benchmarks.deform_conv_and_lfam [--device cpu|cuda] [--repeats 3] [--budget-gb 24]
+        [--train-iters 150] [--skip-unet] [--skip-training] [--write-readme]
 
-(a) one deformable conv layer forward+backward against a dense conv of the same shape:
-    3D: B=1, C=16->16, 32^3, k=3 (PyTorch grid_sample path, plain and chunked+checkpointed);
-    2D: B=1, C=16->16, 128^2, k=3 (torchvision.ops.deform_conv2d).
-    Offsets and mask are leaf tensors that require grad (as when they come from a predictor).
-(b) LFAM U-Net vs the plain U-Net from the same arch kwargs: a small 3D nnU-Net-style plan
-    (PlainConvUNet, 4 stages 16/32/64/128, 3x3x3, InstanceNorm, LeakyReLU, deep supervision),
-    patch 32^3, batch 2 for training (stand-in loss = sum of the means of the DS outputs), batch 1
-    no_grad forwards with deep supervision off for the sliding-window-style throughput (train and
-    inference of a variant in separate processes). Variants: plain, LFAM on all skips, LFAM with
-    min_level=1, LFAM with checkpoint=True, and with --all the decoder-guided offsets.
-Every case runs in its own freshly spawned process (memory isolation); peak memory is measured on
-the first call in that process, before the timing runs. FLOPs: FlopCounterMode (conv/matmul only:
-grid_sample and torchvision's deform_conv2d count 0, so DCN FLOPs are the kernel contraction only).
+(a) One DCNv2 layer, forward + backward, B=1, C=16->16, k=3, random offsets (N(0, 0.5)) and mask (U(0, 1)) given as
+    leaf tensors that require grad: 3D 32^3 against ``conv3d``, 2D 128^2 against ``conv2d``. Backends: the autograd
+    reference (``deform_conv_reference``), the lean Function (``generic``, what ``'auto'`` picks on the CPU; in 3D
+    also with all kernel points in one chunk), torchvision (2D) and Triton (CUDA only). Times are medians of
+    interleaved rounds in one process (every case once
+    per round), wall and process CPU time; peak tensor memory of one call is measured in a fresh process per case;
+    "saved" = bytes autograd keeps for backward (``torch.autograd.graph.saved_tensors_hooks``), "x in" = saved / the
+    layer's inputs (input, offsets, mask, weight).
+(b) LFAM U-Net on every skip against the plan's U-Net (PlainConvUNet, 3D, 4 stages 32/64/128/256, 3x3x3, instance
+    norm, LeakyReLU, deep supervision), patch 32x64x64, batch 2: training step (forward + backward, stand-in loss),
+    peak tensor memory and peak RSS of one step (each network in a fresh process), inference throughput (batch 1,
+    no_grad, deep supervision off). Variants: default (separable predictor) and full predictor. Step times:
+    interleaved rounds of all networks in one process. The largest cubic
+    3d_fullres patch (side a multiple of 8, batch 2) each network fits in ``--budget-gb``, from the measured tensor
+    memory per input voxel (activations grow linearly with the voxels; the weights are negligible).
+(c) Short LFAM training with each predictor on the synthetic 2D task of ``benchmarks/godc_convergence.py`` (same
+    seeds, batches, initialisation of the shared parts and iterations; GODC + CE): validation Dice at the end and
+    the training time.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import time
 
+import numpy as np
 import torch
 
-from nnunet_ext.evaluation.measure import (count_parameters, flops, fmt_bytes, make_inference_step, make_train_step,
-                                median_wall_and_cpu_time, peak_memory, run_in_fresh_process)
+from benchmarks.readme_results import add_write_readme_argument, write_results
+from nnunet_ext.evaluation.measure import (count_parameters, fmt_bytes, make_inference_step, make_train_step,
+                                           median_wall_and_cpu_time, peak_memory, run_in_fresh_process)
+
+OP_CASES = {3: ["conv", "reference", "generic", "generic_all"], 2: ["conv", "reference", "generic", "torchvision"]}
+UNET_KINDS = {"plain": "plan's U-Net", "lfam": "LFAM, all skips (default: separable predictor)",
+              "lfam_full": "LFAM, all skips, full predictor"}
+PATCH = (32, 64, 64)
+BATCH = 2
 
 
+# ------------------------------------------------------------------------------------------------ (a) one layer
+def _op_setup(dim: int, backend: str, device: str):
+    """A closure running forward + backward of one layer, and the layer's input tensors."""
+    from nnunet_ext.building_blocks.deform_conv import deform_conv_nd, deform_conv_reference
+    torch.manual_seed(0)
+    size = (32,) * 3 if dim == 3 else (128,) * 2
+    K = 3 ** dim
+    x = torch.randn(1, 16, *size, device=device, requires_grad=True)
+    w = (torch.randn(16, 16, *(3,) * dim, device=device) * 0.1).requires_grad_()
+    off = (torch.randn(1, dim * K, *size, device=device) * 0.5).requires_grad_()
+    mask = torch.rand(1, K, *size, device=device).requires_grad_()
+    conv = torch.nn.functional.conv3d if dim == 3 else torch.nn.functional.conv2d
+    if backend == "conv":
+        def fwd():
+            return conv(x, w, None, 1, 1)
+        inputs = (x, w)
+    else:
+        if backend == "torchvision":
+            from torchvision.ops import deform_conv2d as fn
+        elif backend == "triton":
+            from nnunet_ext.building_blocks.deform_conv_triton import deform_conv_triton as fn
+        elif backend == "generic_all":  # the lean Function with all kernel points in one chunk
+            def fn(*args, mask):
+                return deform_conv_nd(*args, mask=mask, kernel_chunk=K)
+        else:
+            fn = deform_conv_reference if backend == "reference" else deform_conv_nd
 
+        def fwd():
+            return fn(x, off, w, None, 1, 1, 1, mask=mask)
+        inputs = (x, w, off, mask)
+
+    def step():
+        for t in inputs:
+            t.grad = None
+        fwd().mean().backward()
+    return step, fwd, inputs
+
+
+def _saved_bytes(fwd) -> int:
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fwd()
+    del out
+    return sum(seen.values())
+
+
+def _op_memory(dim: int, backend: str, device: str) -> dict:
+    step, fwd, inputs = _op_setup(dim, backend, device)
+    mem = peak_memory(step, device)
+    return dict(mem=mem.bytes, mem_method=mem.method, saved=_saved_bytes(fwd),
+                inputs=sum(t.numel() * t.element_size() for t in inputs))
+
+
+def _op_times(cases, device: str, repeats: int) -> dict:
+    """Interleaved rounds: every case once per round; medians of wall and CPU time."""
+    steps = {c: _op_setup(c[0], c[1], device)[0] for c in cases}
+    for s in steps.values():
+        s()  # warm-up
+    wall = {c: [] for c in cases}
+    cpu = {c: [] for c in cases}
+    for _ in range(repeats):
+        for c, s in steps.items():
+            w, p = median_wall_and_cpu_time(s, repeats=1, warmup=0, device=device)
+            wall[c].append(w)
+            cpu[c].append(p)
+    return {c: (float(np.median(wall[c])), float(np.median(cpu[c]))) for c in cases}
+
+
+def layer_table(device: str, repeats: int) -> str:
+    cases = [(d, b) for d in (3, 2) for b in OP_CASES[d] + (["triton"] if device == "cuda" else [])]
+    times = _op_times(cases, device, repeats)
+    mems = {c: run_in_fresh_process(_op_memory, c[0], c[1], device) for c in cases}
+    lines = ["| layer | backend | wall ms | x conv | CPU ms | x conv | peak tensor memory | x conv | saved for "
+             "backward | x inputs |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for d, b in cases:
+        (w, p), m = times[(d, b)], mems[(d, b)]
+        (w0, p0), m0 = times[(d, "conv")], mems[(d, "conv")]
+        shape = "3D 16->16, 32^3" if d == 3 else "2D 16->16, 128^2"
+        name = {"conv": f"dense conv{d}d", "generic": "generic (lean Function; auto on CPU)",
+                "generic_all": "generic, all 27 kernel points in one chunk"}.get(b, b)
+        lines.append(f"| {shape} | {name} | {w * 1e3:.0f} | {w / w0:.2f} | {p * 1e3:.0f} | {p / p0:.2f} | "
+                     f"{fmt_bytes(m['mem'])} | {m['mem'] / m0['mem']:.2f} | {fmt_bytes(m['saved'])} | "
+                     f"{m['saved'] / m['inputs']:.2f} |")
+    return "\n".join(lines) + f"\n\nPeak tensor memory: {mems[cases[0]]['mem_method']}."
+
+
+# ------------------------------------------------------------------------------------------------ (b) networks
 def unet_kwargs():
     from torch import nn
-    return dict(input_channels=1, n_stages=4, features_per_stage=[16, 32, 64, 128], conv_op=nn.Conv3d,
+    return dict(input_channels=1, n_stages=4, features_per_stage=[32, 64, 128, 256], conv_op=nn.Conv3d,
                 kernel_sizes=3, strides=[1, 2, 2, 2], n_conv_per_stage=2, num_classes=3,
                 n_conv_per_stage_decoder=2, conv_bias=True, norm_op=nn.InstanceNorm3d,
                 norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
                 nonlin_kwargs={"inplace": True}, deep_supervision=True)
 
 
-def _op_case(kind: str, device: str, repeats: int):
-    from nnunet_ext.building_blocks.deform_conv import DeformConv
-    torch.manual_seed(0)
-    dim = 3 if kind.startswith("3d") else 2
-    size = (32,) * 3 if dim == 3 else (128,) * 2
-    x = torch.randn(1, 16, *size, device=device, requires_grad=True)
-    if kind.endswith("conv"):
-        conv = (torch.nn.Conv3d if dim == 3 else torch.nn.Conv2d)(16, 16, 3, padding=1).to(device)
-
-        def step():
-            x.grad = None
-            conv.zero_grad(set_to_none=True)
-            conv(x).mean().backward()
-        params = count_parameters(conv)
-    else:
-        dcn = DeformConv(16, 16, 3, dim=dim, padding=1, checkpoint=kind.endswith("ckpt")).to(device)
-        K = 27 if dim == 3 else 9
-        off = (torch.randn(1, dim * K, *size, device=device) * 0.5).requires_grad_()
-        mask = torch.rand(1, K, *size, device=device).requires_grad_()
-
-        def step():
-            x.grad = off.grad = mask.grad = None
-            dcn.zero_grad(set_to_none=True)
-            dcn(x, off, mask).mean().backward()
-        params = count_parameters(dcn)
-    mem = peak_memory(step, device)  # first calls in this process; also the warm-up
-    wall, cpu = median_wall_and_cpu_time(step, repeats=repeats, warmup=0, device=device)
-    return dict(params=params, time=wall, cpu=cpu, mem=mem.bytes, mem_method=mem.method, rss=mem.rss_bytes,
-                rss_method=mem.rss_method, flops=flops(step))
-
-
-def _unet_case(kind: str, mode: str, device: str, repeats: int):
-    """One network variant, either a training step (batch 2, DS on) or inference (batch 1, DS off, no_grad)."""
+def build_unet(kind: str, device: str):
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
     from nnunet_ext.architectures.lfam_unet import LFAMUNet
     torch.manual_seed(0)
     net = PlainConvUNet(**unet_kwargs())
     net.apply(PlainConvUNet.initialize)
-    if kind == "lfam_all":
-        net = LFAMUNet(net)
-    elif kind == "lfam_min1":
-        net = LFAMUNet(net, min_level=1)
-    elif kind == "lfam_all_ckpt":
-        net = LFAMUNet(net, checkpoint=True)
-    elif kind == "lfam_dec":
-        net = LFAMUNet(net, offset_source="skip_and_decoder")
-    net = net.to(device)
     if kind != "plain":
-        # leave the identity initialisation so the costs are those of a trained model
-        with torch.no_grad():
+        net = LFAMUNet(net, predictor="full" if kind == "lfam_full" else "separable")
+        with torch.no_grad():  # away from the identity initialisation: the costs of a trained model
             for p in net.lfam.parameters():
                 p.normal_(0, 0.01)
-    if mode == "train":
-        x = torch.randn(2, 1, 32, 32, 32, device=device)
-        step = make_train_step(net, x)
-        mem = peak_memory(step, device)  # first calls in this process; also the warm-up
-        wall, cpu = median_wall_and_cpu_time(step, repeats=repeats, warmup=0, device=device)
-        return dict(params=count_parameters(net), time=wall, cpu=cpu, mem=mem.bytes, mem_method=mem.method,
-                    rss=mem.rss_bytes, rss_method=mem.rss_method, flops=flops(step),
-                    fmap=int(net.compute_conv_feature_map_size((32, 32, 32))))
+    return net.to(device)
+
+
+def _unet_memory(kind: str, device: str) -> dict:
+    net = build_unet(kind, device)
+    step = make_train_step(net, torch.randn(BATCH, 1, *PATCH, device=device))
+    mem = peak_memory(step, device)
     net.decoder.deep_supervision = False
-    infer = make_inference_step(net, torch.randn(1, 1, 32, 32, 32, device=device))
-    mem = peak_memory(infer, device)
-    wall, cpu = median_wall_and_cpu_time(infer, repeats=max(repeats, 5), warmup=0, device=device)
-    return dict(infer_per_s=1 / wall, infer_per_cpu_s=1 / cpu, infer_mem=mem.bytes)
+    infer = make_inference_step(net, torch.randn(1, 1, *PATCH, device=device))
+    infer()
+    wall, cpu = median_wall_and_cpu_time(infer, repeats=3, warmup=0, device=device)
+    return dict(params=count_parameters(net), mem=mem.bytes, rss=mem.rss_bytes, infer_wall=wall, infer_cpu=cpu)
+
+
+def _unet_times(kinds, device: str, repeats: int) -> dict:
+    steps = {k: make_train_step(build_unet(k, device), torch.randn(BATCH, 1, *PATCH, device=device)) for k in kinds}
+    for s in steps.values():
+        s()
+    res = {k: ([], []) for k in kinds}
+    for _ in range(repeats):
+        for k, s in steps.items():
+            w, p = median_wall_and_cpu_time(s, repeats=1, warmup=0, device=device)
+            res[k][0].append(w)
+            res[k][1].append(p)
+    return {k: (float(np.median(v[0])), float(np.median(v[1]))) for k, v in res.items()}
+
+
+def largest_cubic_patch(bytes_per_voxel: float, budget_bytes: float, batch: int = BATCH, multiple: int = 8) -> int:
+    """Largest side s (a multiple of ``multiple``) with ``batch * s^3 * bytes_per_voxel <= budget_bytes``."""
+    side = int((budget_bytes / (batch * bytes_per_voxel)) ** (1 / 3))
+    return side - side % multiple
+
+
+def unet_table(device: str, repeats: int, budget_gb: float) -> str:
+    kinds = list(UNET_KINDS)
+    times = run_in_fresh_process(_unet_times, kinds, device, repeats)
+    mems = {k: run_in_fresh_process(_unet_memory, k, device) for k in kinds}
+    p_t, p_m = times["plain"], mems["plain"]
+    vox = BATCH * int(np.prod(PATCH))
+    lines = [f"| network | parameters | step wall s | x | step CPU s | x | peak tensor memory | x | peak RSS | x | "
+             f"inference patches/CPU-s | x | largest cubic patch in {budget_gb:g} GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k in kinds:
+        (w, p), m = times[k], mems[k]
+        side = largest_cubic_patch(m["mem"] / vox, budget_gb * 2 ** 30)
+        rss = f"{fmt_bytes(m['rss'])} | {m['rss'] / p_m['rss']:.2f}" if m["rss"] else "- | -"
+        lines.append(f"| {UNET_KINDS[k]} | {m['params']:,} | {w:.2f} | {w / p_t[0]:.2f} | {p:.2f} | {p / p_t[1]:.2f} "
+                     f"| {fmt_bytes(m['mem'])} | {m['mem'] / p_m['mem']:.2f} | {rss} | {1 / m['infer_cpu']:.2f} | "
+                     f"{p_m['infer_cpu'] / m['infer_cpu']:.2f} | {side}^3 |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ (c) predictor
+def _train_lfam(predictor: str, seed: int, iters: int) -> dict:
+    from benchmarks.godc_convergence import evaluate, make_batch, make_loss, make_net
+    from nnunet_ext.architectures.lfam_unet import LFAMUNet
+    torch.manual_seed(seed)
+    net = make_net()
+    torch.manual_seed(seed + 100)
+    net = LFAMUNet(net, predictor=predictor)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    loss_fn = make_loss("godc", "dice_ce")
+    val = make_batch(np.random.RandomState(7), 32, 64, 0.5)
+    rng = np.random.RandomState(1000 + seed)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(iters):
+        x, y, _ = make_batch(rng, 8, 64, 0.5)
+        loss = loss_fn(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    overall, small, large = evaluate(net, *val)
+    return dict(dice=overall, small=small, large=large, wall=wall, cpu=cpu,
+                params=count_parameters(net.lfam))
+
+
+def predictor_table(seeds, iters: int) -> str:
+    seed_list = ", ".join(map(str, seeds))
+    lines = [f"| predictor | LFAM parameters | Dice after {iters} iterations (mean over seeds {seed_list})"
+             " | small objects | large objects | training CPU s |", "|---|---|---|---|---|---|"]
+    for predictor in ("full", "separable"):
+        rs = [run_in_fresh_process(_train_lfam, predictor, s, iters) for s in seeds]
+        mean = {k: float(np.mean([r[k] for r in rs])) for k in ("dice", "small", "large", "cpu")}
+        per_seed = ", ".join(f"{r['dice']:.3f}" for r in rs)
+        lines.append(f"| {predictor} | {rs[0]['params']:,} | {mean['dice']:.3f} ({per_seed}) | {mean['small']:.3f} | "
+                     f"{mean['large']:.3f} | {mean['cpu']:.0f} |")
+    return "\n".join(lines)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--all", action="store_true", help="also the decoder-guided LFAM variant")
+    ap.add_argument("--budget-gb", type=float, default=24.0)
+    ap.add_argument("--train-iters", type=int, default=150)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--skip-layer", action="store_true")
+    ap.add_argument("--skip-unet", action="store_true")
+    ap.add_argument("--skip-training", action="store_true")
+    add_write_readme_argument(ap)
     args = ap.parse_args()
-    dev, rep = args.device, args.repeats
-    print(f"device={dev}  torch={torch.__version__}  threads={torch.get_num_threads()}  repeats={rep} "
-          f"(median of repeats; the peak-memory call is the warm-up; every case in a fresh process)")
+    print(f"device={args.device}  torch={torch.__version__}  threads={torch.get_num_threads()}  "
+          f"load={os.getloadavg()}")
+    if not args.skip_layer:
+        layer = layer_table(args.device, args.repeats)
+        print("\n(a) one DCNv2 layer, forward + backward\n" + layer)
+        if args.write_readme:
+            write_results("dcn-layer", layer)
+    parts = []
+    if not args.skip_unet:
+        unet = unet_table(args.device, args.repeats, args.budget_gb)
+        print(f"\n(b) 3D U-Net 32..256, patch {'x'.join(map(str, PATCH))}, batch {BATCH}\n" + unet)
+        parts.append(f"3D, 4 stages 32..256, patch {'x'.join(map(str, PATCH))}, batch {BATCH}, against the plan's "
+                     f"U-Net:\n\n" + unet)
+    if not args.skip_training:
+        pred = predictor_table(args.seeds, args.train_iters)
+        print("\n(c) LFAM U-Net (2D, 8..64) on the synthetic task, GODC + CE, per predictor\n" + pred)
+        parts.append("Offset/mask predictor, short training of the 2D LFAM U-Net (8..64 features) on the synthetic "
+                     "task of `benchmarks/godc_convergence.py` (batch 8, 64x64, Adam 1e-3, GODC + CE; validation "
+                     "Dice on 32 fixed images):\n\n" + pred)
+    print(f"\nload={os.getloadavg()}")
+    if args.write_readme and parts:
+        write_results("lfam-cost", "\n\n".join(parts))
 
-    ops = ["3d_conv", "3d_dcn", "3d_dcn_ckpt", "2d_conv", "2d_dcn"]
-    res = {k: run_in_fresh_process(_op_case, k, dev, rep) for k in ops}
-    labels = {"3d_conv": "conv3d (dense)", "3d_dcn": "DCNv2 3D (grid_sample)",
-              "3d_dcn_ckpt": "DCNv2 3D, checkpoint=True", "2d_conv": "conv2d (dense)",
-              "2d_dcn": "DCNv2 2D (torchvision)"}
-    r0 = res["3d_conv"]
-    print("\n(a) one layer, forward+backward, B=1, C=16->16, k=3; 3D: 32^3, 2D: 128^2")
-    print(f"peak mem = {r0['mem_method']}")
-    if r0["rss"] is not None:
-        print(f"peak RSS = {r0['rss_method']}")
-    hdr = (f"{'op':28s} {'wall ms':>8s} {'x':>5s} {'cpu ms':>8s} {'x':>5s} {'peak mem':>11s} {'x':>5s} "
-           f"{'peak RSS':>11s} {'GFLOP':>7s}")
-    print(hdr)
-    print("-" * len(hdr))
-    for k in ops:
-        r = res[k]
-        ref = res[k[:2] + "_conv"]
-        rss = fmt_bytes(r["rss"]) if r["rss"] is not None else "-"
-        print(f"{labels[k]:28s} {r['time'] * 1e3:8.0f} {r['time'] / ref['time']:5.1f} {r['cpu'] * 1e3:8.0f} "
-              f"{r['cpu'] / ref['cpu']:5.1f} {fmt_bytes(r['mem']):>11s} {r['mem'] / max(ref['mem'], 1):5.1f} "
-              f"{rss:>11s} {r['flops'] / 1e9:7.3f}")
-
-    kinds = ["plain", "lfam_all", "lfam_min1", "lfam_all_ckpt"] + (["lfam_dec"] if args.all else [])
-    labels = {"plain": "plain U-Net", "lfam_all": "LFAM, all 3 skips", "lfam_min1": "LFAM, skips 1-2 (min_level=1)",
-              "lfam_all_ckpt": "LFAM, all, checkpoint=True", "lfam_dec": "LFAM, all, offsets skip+dec"}
-    ures = {}
-    for k in kinds:
-        ures[k] = run_in_fresh_process(_unet_case, k, "train", dev, rep)
-        ures[k].update(run_in_fresh_process(_unet_case, k, "infer", dev, rep))
-    p = ures["plain"]
-    print("\n(b) 3D U-Net 4 stages 16/32/64/128, patch 32^3. train = fwd+bwd, batch 2, deep supervision; "
-          "infer = no_grad forward, batch 1, DS off (train and infer in separate processes)")
-    hdr = (f"{'network':29s} {'params':>8s} {'x':>5s} {'wall ms':>7s} {'x':>5s} {'cpu ms':>7s} {'x':>5s} "
-           f"{'peak mem':>10s} {'x':>5s} {'peak RSS':>10s} {'inf/s':>6s} {'x':>5s} {'inf/cpu-s':>9s} {'x':>5s} "
-           f"{'inf mem':>10s} {'GFLOP':>6s} {'fmap':>7s}")
-    print(hdr)
-    print("-" * len(hdr))
-    for k in kinds:
-        r = ures[k]
-        rss = fmt_bytes(r["rss"]) if r["rss"] is not None else "-"
-        print(f"{labels[k]:29s} {r['params']:8d} {r['params'] / p['params']:5.2f} {r['time'] * 1e3:7.0f} "
-              f"{r['time'] / p['time']:5.2f} {r['cpu'] * 1e3:7.0f} {r['cpu'] / p['cpu']:5.2f} "
-              f"{fmt_bytes(r['mem']):>10s} {r['mem'] / p['mem']:5.2f} {rss:>10s} "
-              f"{r['infer_per_s']:6.2f} {r['infer_per_s'] / p['infer_per_s']:5.2f} "
-              f"{r['infer_per_cpu_s']:9.2f} {r['infer_per_cpu_s'] / p['infer_per_cpu_s']:5.2f} "
-              f"{fmt_bytes(r['infer_mem']):>10s} {r['flops'] / 1e9:6.2f} {r['fmap'] / 1e6:6.2f}M")
-    print("\nx = ratio to the dense conv / plain U-Net. cpu ms = process CPU time (all threads), steadier than "
-          "wall time on a shared machine. peak mem = tensors (profiler trace on CPU, max_memory_allocated on "
-          "CUDA); peak RSS = process resident-set high-water mark (includes allocator caches). 'inf/cpu-s' = "
-          "forwards per CPU-second. GFLOP = FlopCounterMode, fwd+bwd of the train step (grid_sample / "
-          "deform_conv2d sampling not counted). fmap = compute_conv_feature_map_size(32^3), the nnU-Net "
-          "planner's VRAM proxy.")
 
 if __name__ == "__main__":
     main()
