@@ -25,16 +25,16 @@ What the offsets are predicted from (``offset_source``)
     deep-supervision behaviour) because the upsampled feature only exists inside it.
 
 Zero-initialisation (the network starts as the plain U-Net)
-    The offset/mask conv of every LFAM has zero weight and bias (offsets 0 = regular grid, mask
-    sigmoid(0) = 0.5) and the deformable kernel is zero (no bias), so DCN_i(skip_i) == 0 and
+    The last conv of every LFAM's offset/mask predictor has zero weight and bias (offsets 0 = regular
+    grid, mask sigmoid(0) = 0.5) and the deformable kernel is zero (no bias), so DCN_i(skip_i) == 0 and
     ``aligned_i == skip_i``: with the encoder/decoder weights of a plain U-Net the output equals
     that U-Net's output exactly. Gradients: on the very first backward pass only the deformable
     kernels (``lfam.<i>.dcn_block.dcn.weight``) of the LFAM parameters get a non-zero gradient; the
-    offset/mask convs (``lfam.<i>.dcn_block.offset_conv.weight/.bias``) get an exactly zero gradient
-    (not None), because the gradient w.r.t. offsets and mask is proportional to the kernel. After
-    the first optimiser step the kernel is non-zero and all LFAM parameters get non-zero gradients
-    (tested). Every parameter receives a gradient tensor in every step (DDP without
-    ``find_unused_parameters`` is fine).
+    predictor (``lfam.<i>.dcn_block.offset_conv.*``) gets an exactly zero gradient (not None), because
+    the gradient w.r.t. offsets and mask is proportional to the kernel. After the first optimiser step
+    the kernel is non-zero and the predictor's last conv gets non-zero gradients; the separable
+    predictor's depthwise conv (behind the zero-initialised 1x1 conv) one step later (tested). Every
+    parameter receives a gradient tensor in every step (DDP without ``find_unused_parameters`` is fine).
 
 Levels
     Level i is the encoder output at stage i (0 = full resolution); the bottleneck (last stage) is
