@@ -1,7 +1,9 @@
-"""SPA-DCN-Net: brightness robustness against nnU-Net's default 2D network, and the CPU choice of the DCN backend.
+"""SPA-DCN-Net: brightness robustness and training cost against nnU-Net's default 2D network, and the CPU choice of
+the DCN backend.
 
-    python -m benchmarks.spa_dcn_net                      # robustness table (about 10 minutes on 2 idle cores)
-    python -m benchmarks.spa_dcn_net --iterations 600     # longer training, same seeds
+    python -m benchmarks.spa_dcn_net                      # robustness table, then cost table (2 idle cores)
+    python -m benchmarks.spa_dcn_net --part robustness --iterations 300   # longer training, same seeds
+    python -m benchmarks.spa_dcn_net --write-readme       # both tables into README.md's Results section
     python -m benchmarks.spa_dcn_net --backends           # DCN backend timing only
 
 Robustness (the paper's claim, Sec. I and IV: stable under brightness/gain changes). A synthetic ultrasound-like
@@ -12,25 +14,39 @@ gain in [0.7, 1.3] (the "varying gain"). Both networks are built by their traine
 from the same nnU-Net 2D plan (``nnunet_ext.plans.presets``, 64x64 patch): ``nnUNetTrainer`` (nnU-Net's
 PlainConvUNet) and ``nnUNetTrainerSPADCNNet``; both are trained with the same budget, seed, batches and recipe
 (nnU-Net's Dice + CE on the full-resolution output, Adam 1e-3), and every image is z-scored per image as nnU-Net's
-``ZScoreNormalization`` does. Test images (a fixed seed, disjoint from training) are evaluated unchanged and with
+``ZScoreNormalization`` does. Each network trains in a process of its own with one thread, the two at the same time
+(one core each on a 2-core machine), and prints its progress. 64x64 is the smallest size that SPA-DCN-Net's /32
+encoder leaves a 2x2 bottleneck at. Test images (a fixed seed, disjoint from training) are evaluated unchanged and with
 the displayed 8-bit brightness scaled x0.3, x0.5, x1.5 (rounded and clipped to 0..255, as a display gain does) and
 with a depth-gain ramp (x1.5 at the top to x0.3 at the bottom: a mis-set TGC). Note that nnU-Net's per-image
 z-scoring already cancels a pure global scaling except for quantisation and clipping, so the x0.3/x0.5/x1.5 rows
 test mainly those; the ramp is not cancelled by any normalisation. Printed: Dice of the organ per condition for
-both networks and the ratio SPA-DCN-Net / nnU-Net.
+both networks and the ratio SPA-DCN-Net / nnU-Net, and the final training loss of each.
+
+Cost (the issue's target: training step <= 3x nnU-Net's 2D network at 256x256, batch 4). Both networks are built
+from nnU-Net's 2D topology for 256x256 (``nnunet_ext.plans.presets``). Parameters, FLOPs, peak memory and inference
+throughput come from ``nnunet_ext.evaluation.cost`` (a fresh process per network). The step time is measured in one
+further process holding both networks, alternating one step of each per round (both under the same load), median
+wall and CPU time over the rounds.
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import os
+import statistics
 import time
 
 import numpy as np
 import torch
 
+from benchmarks.readme_results import add_write_readme_argument, write_results
 from nnunet_ext.plans.presets import configuration, make_plans
 from nnunet_ext.synthetic.ultrasound_abdominal import bmode, echo_map, organ_polygon, random_fan, rasterise
 
 SIZE = 64
+TRAINERS = ("nnUNetTrainer", "nnUNetTrainerSPADCNNet")
+COST_PATCH, COST_BATCH = (256, 256), 4
 CONDITIONS = {"x1 (as trained)": 1.0, "x0.3": 0.3, "x0.5": 0.5, "x1.5": 1.5, "depth ramp 1.5 -> 0.3": "ramp"}
 ORGAN_ECHO = 0.45
 
@@ -89,9 +105,11 @@ def dice(prediction: torch.Tensor, label: torch.Tensor) -> float:
 
 
 def train_and_evaluate(trainer_name: str, iterations: int, batch: int, seed: int, n_train: int, n_test: int) -> dict:
+    """Train one network (one thread; run in a process of its own) and return its Dice per test condition."""
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
     from nnunetv2.utilities.helpers import softmax_helper_dim1
+    torch.set_num_threads(1)
     torch.manual_seed(seed)
     network = build(trainer_name)
     train_images, train_labels = dataset(seed, n_train, train_gain=True)
@@ -103,16 +121,21 @@ def train_and_evaluate(trainer_name: str, iterations: int, batch: int, seed: int
     order = np.random.default_rng(seed + 1)
     network.train()
     start = time.perf_counter()
-    for _ in range(iterations):
+    losses = []
+    for it in range(1, iterations + 1):
         idx = torch.from_numpy(order.choice(n_train, batch, replace=False))
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(network(x_train[idx]), train_labels[idx].float())
         loss.backward()
         optimizer.step()
+        losses.append(loss.item())
+        if it % max(iterations // 10, 1) == 0 or it == iterations:
+            print(f"  {trainer_name}: iteration {it}/{iterations}, loss (mean of the last 10) "
+                  f"{np.mean(losses[-10:]):.3f}, {time.perf_counter() - start:.0f} s", flush=True)
     seconds = time.perf_counter() - start
     test_images, test_labels = dataset(seed + 1000, n_test, train_gain=False)
     network.eval()
-    result = {"train_s": seconds, "final_loss": loss.item()}
+    result = {"train_s": seconds, "final_loss": float(np.mean(losses[-10:]))}
     with torch.no_grad():
         for name, gain in CONDITIONS.items():
             logits = network(as_batch([apply_gain(i, gain) for i in test_images]))
@@ -120,18 +143,77 @@ def train_and_evaluate(trainer_name: str, iterations: int, batch: int, seed: int
     return result
 
 
-def robustness(iterations: int, batch: int, seed: int, n_train: int, n_test: int) -> None:
-    results = {name: train_and_evaluate(name, iterations, batch, seed, n_train, n_test)
-               for name in ("nnUNetTrainer", "nnUNetTrainerSPADCNNet")}
-    base, spa = results["nnUNetTrainer"], results["nnUNetTrainerSPADCNNet"]
-    print(f"\nBrightness robustness: {n_train} training / {n_test} test images {SIZE}x{SIZE}, {iterations} iterations "
-          f"x batch {batch}, Adam 1e-3, Dice + CE, seed {seed}")
-    print("| test condition | nnU-Net 2D Dice | SPA-DCN-Net Dice | ratio |")
-    print("|---|---|---|---|")
+def robustness(iterations: int, batch: int, seed: int, n_train: int, n_test: int) -> str:
+    """Both networks trained at the same time, each in a fresh process; returns the markdown table."""
+    print(f"training {' and '.join(TRAINERS)} ({iterations} iterations x batch {batch}, one process and one thread "
+          f"each); load average {os.getloadavg()[0]:.1f}", flush=True)
+    with mp.get_context("spawn").Pool(len(TRAINERS), maxtasksperchild=1) as pool:
+        pending = {name: pool.apply_async(train_and_evaluate, (name, iterations, batch, seed, n_train, n_test))
+                   for name in TRAINERS}
+        results = {name: job.get() for name, job in pending.items()}
+    base, spa = (results[name] for name in TRAINERS)
+    lines = [f"Brightness robustness: {n_train} training / {n_test} test images {SIZE}x{SIZE}, {iterations} iterations "
+             f"x batch {batch}, Adam 1e-3, Dice + CE, seed {seed}; Dice of the organ over the test set",
+             "", "| test condition | nnU-Net 2D | SPA-DCN-Net | ratio |", "|---|---|---|---|"]
     for name in CONDITIONS:
-        print(f"| {name} | {base[name]:.3f} | {spa[name]:.3f} | {spa[name] / max(base[name], 1e-8):.2f} |")
-    print(f"| training time (s) | {base['train_s']:.0f} | {spa['train_s']:.0f} | "
-          f"{spa['train_s'] / base['train_s']:.2f} |")
+        lines.append(f"| {name} | {base[name]:.3f} | {spa[name]:.3f} | {spa[name] / max(base[name], 1e-8):.2f} |")
+    lines.append(f"| final training loss (Dice + CE, mean of the last 10) | {base['final_loss']:.3f} | "
+                 f"{spa['final_loss']:.3f} | |")
+    lines.append(f"| training time (s, one thread each, concurrently) | {base['train_s']:.0f} | {spa['train_s']:.0f} | "
+                 f"{spa['train_s'] / base['train_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def cost_plans() -> tuple:
+    return make_plans({"2d": configuration(2, list(COST_PATCH), COST_BATCH)}), "2d"
+
+
+def interleaved_step_times(rounds: int) -> dict:
+    """Median wall and CPU time of a training step of each network, one step of each per round (run in a fresh
+    process: both networks live in it)."""
+    from nnunet_ext.evaluation.cost import build_network
+    from nnunet_ext.evaluation.measure import make_train_step, median_wall_and_cpu_time
+    plans, name = cost_plans()
+    x = torch.randn(COST_BATCH, 1, *COST_PATCH)
+    steps = {trainer: make_train_step(build_network(trainer, plans, name, 1, 2), x) for trainer in TRAINERS}
+    times = {trainer: ([], []) for trainer in TRAINERS}
+    for trainer, step in steps.items():
+        step()  # warm-up
+    for r in range(rounds):
+        for trainer, step in steps.items():
+            wall, cpu = median_wall_and_cpu_time(step, repeats=1, warmup=0)
+            times[trainer][0].append(wall)
+            times[trainer][1].append(cpu)
+        print(f"  step times, round {r + 1}/{rounds}: " + ", ".join(f"{t} {w[-1]:.2f} s" for t, (w, _) in
+                                                                       times.items()), flush=True)
+    return {trainer: (statistics.median(w), statistics.median(c)) for trainer, (w, c) in times.items()}
+
+
+def cost(repeats: int) -> str:
+    """The cost table at 256x256, batch 4 (markdown)."""
+    from nnunet_ext.evaluation.cost import COST_ROWS, measure_trainers
+    from nnunet_ext.evaluation.measure import run_in_fresh_process
+    plans, name = cost_plans()
+    print(f"cost at {COST_PATCH[0]}x{COST_PATCH[1]}, batch {COST_BATCH}, {torch.get_num_threads()} threads; "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    results = measure_trainers([TRAINERS[1]], plans, name, 1, 2, COST_BATCH, "cpu", repeats)
+    steps = run_in_fresh_process(interleaved_step_times, max(repeats, 3))
+    base, spa = (results[t] for t in TRAINERS)
+    widths = plans["configurations"][name]["architecture"]["arch_kwargs"]["features_per_stage"]
+    lines = [f"Cost at {COST_PATCH[0]}x{COST_PATCH[1]}, batch {COST_BATCH}, 1 channel, 2 classes (nnU-Net's 2D "
+             f"topology for that patch: {len(widths)} stages, widths {widths[0]}..{widths[-1]}), CPU, "
+             f"{torch.get_num_threads()} threads; ratios from one run",
+             "", "| | `nnUNetTrainer` | `nnUNetTrainerSPADCNNet` | ratio | target |", "|---|---|---|---|---|"]
+    for (wall_label, index) in (("training step, wall (median of alternating steps, s)", 0),
+                                ("training step, CPU time (s)", 1)):
+        b, v = steps[TRAINERS[0]][index], steps[TRAINERS[1]][index]
+        target = f"<= 3: {'met' if v / b <= 3 else 'missed'}" if index == 0 else ""
+        lines.append(f"| {wall_label} | {b:.2f} | {v:.2f} | **{v / b:.2f}** | {target} |")
+    for label, key, fmt in COST_ROWS:
+        if base.get(key) is None or key == "step_s":
+            continue
+        lines.append(f"| {label} | {fmt(base[key])} | {fmt(spa[key])} | {spa[key] / base[key]:.2f} | |")
+    return "\n".join(lines)
 
 
 def backends(repeats: int = 3) -> None:
@@ -150,21 +232,31 @@ def backends(repeats: int = 3) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--part", choices=("all", "robustness", "cost"), default="all")
+    parser.add_argument("--iterations", type=int, default=80)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n_train", type=int, default=64)
     parser.add_argument("--n_test", type=int, default=24)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (1 avoids oversubscription on a shared machine)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the cost measurements")
     parser.add_argument("--backends", action="store_true", help="only time the DCN backends")
+    add_write_readme_argument(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.backends:
         backends()
-    else:
-        robustness(args.iterations, args.batch, args.seed, args.n_train, args.n_test)
+        return
+    start = time.perf_counter()
+    if args.part in ("all", "robustness"):
+        table = robustness(args.iterations, args.batch, args.seed, args.n_train, args.n_test)
+        print("\n" + table + "\n", flush=True)
+        if args.write_readme:
+            write_results("spa_dcn_net-robustness", table)
+    if args.part in ("all", "cost"):
+        table = cost(args.repeats)
+        print("\n" + table + "\n", flush=True)
+        if args.write_readme:
+            write_results("spa_dcn_net-cost", table)
+    print(f"total {time.perf_counter() - start:.0f} s; load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
