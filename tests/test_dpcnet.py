@@ -1,4 +1,5 @@
-"""DPC-Net: shapes in 2D and 3D, deep-supervision switching, gradients, parameter counts."""
+"""DPC-Net: shapes in 2D and 3D, deep-supervision switching, gradients, parameter counts, and the network against
+a literal implementation of the paper's equations (values and gradients)."""
 import pytest
 import torch
 from torch import nn
@@ -10,6 +11,7 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunet_ext.architectures.dpcnet import PAPER_PRESET_PFE_KWARGS, DPCNet, dpcnet_paper_preset
 from nnunet_ext.losses.compound import deep_supervision_weights
 from nnunet_ext.losses.multi_output_deep_supervision import MultiOutputDeepSupervisionWrapper
+from tests.test_pyramid_correlation import randomise, reference_semcor_logits, reference_spacor
 
 NUM_CLASSES = 3
 OPS = {2: (nn.Conv2d, nn.InstanceNorm2d), 3: (nn.Conv3d, nn.InstanceNorm3d)}
@@ -154,3 +156,36 @@ def test_paper_preset_parameter_counts():
     assert spa == sum(spacor_parameters(c[i], c[i - 1], 2) for i in (1, 2, 3)) == 680_521
     assert sem == sum(semcor_parameters(c[i], c[i + 1], 2) for i in (0, 1, 2)) == 194_886
     assert sum(p.numel() for p in net.parameters()) == pfe + spa + sem
+
+
+def reference_forward(net: DPCNet, x: torch.Tensor) -> list:
+    """DPC-Net's deep-supervision outputs from the paper's equations as written (SpaCor and SemCor of
+    ``tests/test_pyramid_correlation``), with the network's own modules and weights."""
+    features = net.pyramid_features(x)
+    spa = [reference_spacor(net.spacor[i - 1], features[i], features[i - 1]) for i in range(1, net.num_levels)]
+    sem_inputs = [features[0]] + spa
+    return ([reference_semcor_logits(net.semcor[i], sem_inputs[i], spa[i], net.sem_heads[i])
+             for i in range(net.num_levels - 1)]
+            + [net.pfe_logits(i, f) for i, f in enumerate(features)]
+            + [head(f) for head, f in zip(net.spa_heads, spa)])
+
+
+@pytest.mark.parametrize("dim,anisotropic", [(2, False), (3, False), (3, True)])
+def test_network_equals_the_equations_with_gradients(dim, anisotropic):
+    """The reordered SpaCor/SemCor computation is the same function: every output and the gradient of every
+    parameter and of the input agree with the literal equations (double precision, random weights and biases)."""
+    net = randomise(make_dpcnet(dim, anisotropic), seed=5).double()
+    spatial = (16, 24, 32)[:dim] if not anisotropic else (8, 16, 24)
+    x = torch.randn(2, 2, *spatial, dtype=torch.float64, requires_grad=True)
+    ours, reference = net(x), reference_forward(net, x)
+    assert len(ours) == len(reference) == 7
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    leaves = [x, *net.parameters()]
+    weights = [torch.randn_like(o) for o in ours]
+
+    def grads(outputs):
+        return torch.autograd.grad(sum((o * w).sum() for o, w in zip(outputs, weights)), leaves)
+    for name, a, b in zip(["input"] + [n for n, _ in net.named_parameters()], grads(ours), grads(reference),
+                          strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8, msg=lambda m, name=name: f"{name}: {m}")

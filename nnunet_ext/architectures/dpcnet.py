@@ -8,7 +8,9 @@ decoder stage outputs are the pyramid features ``F_0`` (highest resolution) .. `
 - SpaCor at levels ``1..L-1`` gives ``F_i^spa`` (``nnunet_ext.building_blocks.pyramid_correlation``),
 - SemCor at levels ``0..L-2`` gives ``F_i^sem`` from ``F_i^spa`` (``F_0`` at level 0) and
   ``F_{i+1}^spa``,
-- a 1x1 segmentation head per output: the PFE heads are the plan U-Net's own ``seg_layers``.
+- a 1x1 segmentation head per output: the PFE heads are the plan U-Net's own ``seg_layers``; a SemCor
+  head is applied inside ``SemanticCorrelation.forward``, which returns ``head(F_i^sem)`` without
+  materialising ``F_i^sem`` (the only consumer of ``F_i^sem`` is its head).
 
 Outputs
     Deep supervision on: one flat list, ``[sem_0 .. sem_{L-2}, pfe_0 .. pfe_{L-1}, spa_1 .. spa_{L-1}]``
@@ -79,13 +81,12 @@ class DPCNet(PlanUNetWrapper):
         features = self.pyramid_features(x)
         if not self.decoder.deep_supervision:
             spa_1 = self.spacor[0](features[1], features[0])
-            return self.sem_heads[0](self.semcor[0](features[0], spa_1))
+            return self.semcor[0](features[0], spa_1, self.sem_heads[0])
 
         num_levels = self.num_levels
         spa = [self.spacor[i - 1](features[i], features[i - 1]) for i in range(1, num_levels)]
         sem_inputs = [features[0]] + spa  # X_i: F_0 at level 0, F_i^spa above
-        sem = [self.semcor[i](sem_inputs[i], spa[i]) for i in range(num_levels - 1)]
-        return ([head(f) for head, f in zip(self.sem_heads, sem)]
+        return ([self.semcor[i](sem_inputs[i], spa[i], self.sem_heads[i]) for i in range(num_levels - 1)]
                 + [self.pfe_logits(i, f) for i, f in enumerate(features)]
                 + [head(f) for head, f in zip(self.spa_heads, spa)])
 

@@ -9,23 +9,206 @@ Interpretations where the paper is silent (also listed in the README):
 - SpaCor regresses its attention map at ``F_{i-1}``'s resolution. The hidden width of the 3-layer
   ``f_spa`` is ``C_{i-1}``, the channel count of the level at whose resolution it runs ("the number
   of channels is kept consistent with that of each level", Sec. IV). Upsampling is (bi/tri)linear
-  interpolation and the way back to ``F_i``'s size is area (average) interpolation, so resampling
-  adds no parameters.
+  interpolation (``align_corners=False``) and the way back to ``F_i``'s size is area (average)
+  interpolation, so resampling adds no parameters.
 - SemCor's 3-layer perceptron has ``C_i`` neurons per layer (Sec. IV) and recalibrates the level's
   own input (``F_i^spa``, or ``F_0`` at level 0), as the text of Sec. III.E describes
   ("multiply the attention vector with F_i^spa"): the SpaCor-first ordering of Table 4.
+
+Computation (the same functions as the equations, evaluated in a cheaper order; ``tests/test_dpcnet.py``
+checks values and gradients against a literal implementation of the equations):
+
+- SpaCor's squeeze (Eq. 5) never concatenates ``[up(F_i), F_{i-1}]``: the channel sum commutes with the
+  linear upsampling, and the channel maximum of ``up(F_i)`` is taken chunk by chunk and keeps only the
+  argmax channel for backward (``upsampled_channel_squeeze``).
+- ``g_spa`` (a 1x1 conv: linear per voxel, bias included since interpolation weights sum to 1) commutes
+  with the upsampling, so it runs at ``F_i``'s resolution: ``g_spa(up(F_i)) = up(g_spa(F_i))``.
+- ``area(sigmoid(A) * up(G))`` is one autograd Function (``attention_resample``) that keeps only the
+  attention map and ``G`` for backward and recomputes ``up(G)`` there, channel chunk by channel chunk.
+- SemCor's output feeds only its 1x1 segmentation head, and ``head(a * g_sem(X)) = (W_h diag(a) W_g) X +
+  W_h (a * b_g) + b_h`` with ``a`` constant over space: one per-sample 1x1 map (``torch.baddbmm``)
+  instead of two full-resolution convolutions and a product.
 """
-from typing import Optional, Sequence, Type, Union
+import itertools
+from typing import List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.conv import _ConvNd
 
-from dynamic_network_architectures.building_blocks.helper import (convert_conv_op_to_dim,
-                                                                  maybe_convert_scalar_to_list)
+from dynamic_network_architectures.building_blocks.helper import maybe_convert_scalar_to_list
 
 _LINEAR_MODE = {2: "bilinear", 3: "trilinear"}
+CHUNK_ELEMENTS = 2 ** 22
+"""Largest full-resolution temporary (elements) that the Functions below create per channel chunk."""
+
+
+def _channel_chunks(tensor: torch.Tensor, voxels: int) -> List[slice]:
+    """Channel slices of ``tensor`` such that a chunk upsampled to ``voxels`` voxels per channel has at
+    most ``CHUNK_ELEMENTS`` elements (at least one channel per chunk)."""
+    per_chunk = max(1, CHUNK_ELEMENTS // max(1, tensor.shape[0] * voxels))
+    return [slice(c, min(c + per_chunk, tensor.shape[1])) for c in range(0, tensor.shape[1], per_chunk)]
+
+
+def _upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    return F.interpolate(x, size=tuple(size), mode=_LINEAR_MODE[x.ndim - 2], align_corners=False)
+
+
+def _upsample_vjp(grad: torch.Tensor, coarse_size: Sequence[int]) -> torch.Tensor:
+    """Adjoint of ``_upsample`` to ``grad``'s size, applied to ``grad`` (PyTorch's own backward)."""
+    with torch.enable_grad():
+        probe = grad.new_zeros(grad.shape[:2] + tuple(coarse_size), requires_grad=True)
+        (result,) = torch.autograd.grad(_upsample(probe, grad.shape[2:]), probe, grad)
+    return result
+
+
+def _linear_taps(coarse_size: Sequence[int], fine_size: Sequence[int], device) -> List[Tuple[torch.Tensor,
+                                                                                          torch.Tensor]]:
+    """The ``2^dim`` taps of ``_upsample`` from ``coarse_size`` to ``fine_size``: per tap, the flat coarse
+    index and the weight of every fine voxel (PyTorch's rule for ``align_corners=False``: source
+    coordinate ``max(0, (j + 0.5) * in / out - 0.5)``, lower neighbour its floor, upper neighbour clamped)."""
+    per_axis, stride = [], 1
+    dim = len(fine_size)
+    for axis in reversed(range(dim)):
+        n_in, n_out = coarse_size[axis], fine_size[axis]
+        src = ((torch.arange(n_out, device=device, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_(min=0)
+        lower = src.long()
+        upper = torch.where(lower < n_in - 1, lower + 1, lower)
+        frac = src - lower
+        shape = [1] * dim
+        shape[axis] = n_out
+        per_axis.insert(0, ((lower * stride).view(shape), (upper * stride).view(shape),
+                            (1 - frac).view(shape), frac.view(shape)))
+        stride *= n_in
+    taps = []
+    for corner in itertools.product((0, 1), repeat=dim):
+        index = sum(axis[c] for axis, c in zip(per_axis, corner))
+        weight = 1
+        for axis, c in zip(per_axis, corner):
+            weight = weight * axis[2 + c]
+        taps.append((index, weight))
+    return taps
+
+
+class _UpsampledChannelAvgMax(torch.autograd.Function):
+    """``T = Avg_c([up(high), low]) + Max_c([up(high), low])`` (Eq. 5) without the concatenation.
+
+    Forward: the channel sum of ``up(high)`` is ``up`` of ``high``'s channel sum; its channel maximum is taken
+    over channel chunks of ``up(high)`` (temporaries of at most ``CHUNK_ELEMENTS``). Saved for backward: the
+    argmax channel per voxel (index into the concatenation). Backward: the average spreads ``g / C`` over all
+    channels (through the adjoint upsampling for ``high``); the maximum routes ``g`` to the argmax channel,
+    for ``high`` by scattering it onto the ``2^dim`` coarse voxels of the interpolation with their weights.
+    Ties of the maximum go to the first channel (as ``torch.max``; ``amax`` would share the gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        fine = low.shape[2:]
+        n_high, n_low = high.shape[1], low.shape[1]
+        total = _upsample(high.sum(1, keepdim=True), fine) + low.sum(1, keepdim=True)
+        best, argmax = low.max(1, keepdim=True)
+        argmax += n_high
+        for chunk in _channel_chunks(high, low[0, 0].numel()):
+            value, index = _upsample(high[:, chunk], fine).max(1, keepdim=True)
+            wins = value >= best  # high's channels come first in the concatenation
+            best = torch.where(wins, value, best)
+            argmax = torch.where(wins, index + chunk.start, argmax)
+        ctx.save_for_backward(argmax)
+        ctx.shapes = (high.shape, low.shape)
+        return total / (n_high + n_low) + best
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (argmax,) = ctx.saved_tensors
+        high_shape, low_shape = ctx.shapes
+        n_high, n_low = high_shape[1], low_shape[1]
+        batch, coarse, fine = high_shape[0], high_shape[2:], low_shape[2:]
+        mean_grad = grad / (n_high + n_low)
+
+        from_low = argmax >= n_high
+        grad_low = mean_grad.expand(low_shape).contiguous()
+        grad_low.scatter_add_(1, (argmax - n_high).clamp_(min=0), torch.where(from_low, grad, 0))
+
+        grad_high = _upsample_vjp(mean_grad, coarse).expand(high_shape).contiguous()
+        max_grad = torch.where(from_low, 0, grad).view(batch, -1)
+        channel_offset = (argmax.clamp(max=n_high - 1) * coarse.numel()).view(batch, -1)
+        flat = grad_high.view(batch, -1)
+        for index, weight in _linear_taps(coarse, fine, grad.device):
+            flat.scatter_add_(1, channel_offset + index.reshape(1, -1), max_grad * weight.reshape(1, -1).to(grad.dtype))
+        return grad_high, grad_low
+
+
+def upsampled_channel_squeeze(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """SpaCor's squeeze (Eq. 5): channel average + channel maximum of ``[up(high), low]``, shape
+    ``(B, 1, *low.shape[2:])``; ``up`` is linear interpolation to ``low``'s size."""
+    return _UpsampledChannelAvgMax.apply(high, low)
+
+
+class _AttentionResample(torch.autograd.Function):
+    """``area(attention * up(G))`` (Eq. 6 and the resampling back to ``F_i``'s size): the ``C x fine``
+    product and ``up(G)`` are temporaries of one channel chunk; backward keeps ``attention`` and ``G`` and
+    recomputes ``up(G)`` chunk by chunk (PyTorch's own backward of each op on the chunk)."""
+
+    @staticmethod
+    def forward(ctx, attention: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(attention, coarse)
+        fine = attention.shape[2:]
+        out = torch.empty_like(coarse)
+        for chunk in _channel_chunks(coarse, attention[0, 0].numel()):
+            out[:, chunk] = F.interpolate(attention * _upsample(coarse[:, chunk], fine), size=coarse.shape[2:],
+                                          mode="area")
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        attention, coarse = ctx.saved_tensors
+        fine = attention.shape[2:]
+        grad_attention = torch.zeros_like(attention)
+        grad_coarse = torch.empty_like(coarse)
+        attention = attention.detach().requires_grad_()
+        for chunk in _channel_chunks(coarse, attention[0, 0].numel()):
+            with torch.enable_grad():
+                part = coarse[:, chunk].detach().requires_grad_()
+                out = F.interpolate(attention * _upsample(part, fine), size=coarse.shape[2:], mode="area")
+                grad_att, grad_coarse[:, chunk] = torch.autograd.grad(out, (attention, part), grad[:, chunk])
+            grad_attention += grad_att
+        return grad_attention, grad_coarse
+
+
+def attention_resample(attention: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    """``area(attention * up(coarse))`` at ``coarse``'s size; ``attention`` is ``(B, 1, *fine)``, ``up`` linear
+    interpolation to the fine size and ``area`` average interpolation back."""
+    return _AttentionResample.apply(attention, coarse)
+
+
+class _SpatialAvgMax(torch.autograd.Function):
+    """``[Avg_s(x), Max_s(x)]`` over all spatial axes, ``(B, 2C)``, keeping only the argmax voxels for backward;
+    the gradient is built in one dense tensor (average part) plus a scatter (maximum part). Ties of the
+    maximum go to the first voxel (as ``torch.max``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(2)
+        best, argmax = flat.max(2)
+        ctx.save_for_backward(argmax)
+        ctx.shape = x.shape
+        return torch.cat((flat.mean(2), best), dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (argmax,) = ctx.saved_tensors
+        shape = ctx.shape
+        grad_mean, grad_max = grad.split(shape[1], dim=1)
+        voxels = shape[2:].numel()
+        result = (grad_mean / voxels).unsqueeze(2).expand(*shape[:2], voxels).contiguous()
+        result.scatter_add_(2, argmax.unsqueeze(2), grad_max.unsqueeze(2))
+        return result.view(shape)
+
+
+def spatial_avg_max(x: torch.Tensor) -> torch.Tensor:
+    """Spatial average and maximum of each channel, concatenated: ``(B, 2C)``."""
+    return _SpatialAvgMax.apply(x)
 
 
 class SpatialCorrelation(nn.Module):
@@ -53,16 +236,11 @@ class SpatialCorrelation(nn.Module):
             conv_op(hidden_channels, 1, kernel_size, padding=padding),
         )
         self.g_spa = conv_op(channels, channels, 1)
-        self.upsample_mode = _LINEAR_MODE[convert_conv_op_to_dim(conv_op)]
 
     def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         """``high`` = F_i (coarser), ``low`` = F_{i-1} (finer); returns F_i^spa at F_i's size."""
-        high_up = F.interpolate(high, size=low.shape[2:], mode=self.upsample_mode, align_corners=False)
-        x = torch.cat((high_up, low), dim=1)
-        squeeze = x.mean(dim=1, keepdim=True) + x.amax(dim=1, keepdim=True)
-        attention = torch.sigmoid(self.f_spa(squeeze))
-        refined = attention * self.g_spa(high_up)
-        return F.interpolate(refined, size=high.shape[2:], mode="area")
+        attention = torch.sigmoid(self.f_spa(upsampled_channel_squeeze(high, low)))
+        return attention_resample(attention, self.g_spa(high))  # g_spa(up(F_i)) = up(g_spa(F_i))
 
 
 class SemanticCorrelation(nn.Module):
@@ -74,6 +252,9 @@ class SemanticCorrelation(nn.Module):
       the vectors concatenated, which equals squeezing their channel concatenation)
     - ``A = f_sem(T)``, a 3-layer perceptron with LeakyReLUs and ``C_i`` outputs (Eq. 7, 8)
     - ``F_i^sem = sigmoid(A) * g_sem(X_i)``, ``g_sem`` a 1x1 conv (Eq. 9)
+
+    ``F_i^sem`` feeds only DPC-Net's 1x1 segmentation head of the level, so ``forward`` returns that head's
+    logits, computed without ``F_i^sem`` (module docstring).
     """
 
     def __init__(self, conv_op: Type[_ConvNd], channels: int, higher_channels: int,
@@ -89,10 +270,17 @@ class SemanticCorrelation(nn.Module):
         )
         self.g_sem = conv_op(channels, channels, 1)
 
-    def forward(self, x: torch.Tensor, higher: torch.Tensor) -> torch.Tensor:
-        """``x`` = X_i (finer), ``higher`` = F_{i+1}^spa (coarser); returns F_i^sem."""
-        spatial_axes = tuple(range(2, x.ndim))
-        squeeze = torch.cat((x.mean(dim=spatial_axes), higher.mean(dim=spatial_axes),
-                             x.amax(dim=spatial_axes), higher.amax(dim=spatial_axes)), dim=1)
-        attention = torch.sigmoid(self.f_sem(squeeze))
-        return attention.view(*attention.shape, *([1] * len(spatial_axes))) * self.g_sem(x)
+    def attention(self, x: torch.Tensor, higher: torch.Tensor) -> torch.Tensor:
+        """``sigmoid(A)`` of Eq. 7-8, ``(B, C_i)``; squeeze order ``[Avg(X), Avg(F^spa), Max(X), Max(F^spa)]``."""
+        x_avg, x_max = spatial_avg_max(x).chunk(2, dim=1)
+        higher_avg, higher_max = spatial_avg_max(higher).chunk(2, dim=1)
+        return torch.sigmoid(self.f_sem(torch.cat((x_avg, higher_avg, x_max, higher_max), dim=1)))
+
+    def forward(self, x: torch.Tensor, higher: torch.Tensor, head: _ConvNd) -> torch.Tensor:
+        """``x`` = X_i (finer), ``higher`` = F_{i+1}^spa (coarser), ``head`` = the level's 1x1 segmentation conv;
+        returns ``head(F_i^sem)`` as the per-sample 1x1 map ``W_h diag(a) W_g`` plus ``W_h (a * b_g) + b_h``."""
+        scaled_head = head.weight.flatten(1) * self.attention(x, higher).unsqueeze(1)  # (B, K, C) = W_h diag(a)
+        weight = scaled_head @ self.g_sem.weight.flatten(1)
+        bias = scaled_head @ self.g_sem.bias + head.bias
+        logits = torch.baddbmm(bias.unsqueeze(2), weight, x.flatten(2))
+        return logits.view(*logits.shape[:2], *x.shape[2:])

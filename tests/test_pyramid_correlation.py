@@ -1,0 +1,145 @@
+"""DPC-Net's SpaCor and SemCor blocks: the reordered computation (``pyramid_correlation``) against a literal
+implementation of the paper's equations, values and gradients in double precision (and gradcheck), 2D and 3D, one
+or several channel chunks, factor-2, stride-1 and non-integer resolution ratios."""
+import pytest
+import torch
+from torch import nn
+from torch.autograd import gradcheck
+from torch.nn import functional as F
+
+from nnunet_ext.building_blocks import pyramid_correlation as pc
+
+LINEAR = {2: "bilinear", 3: "trilinear"}
+# (coarse size, fine size): nnU-Net's factor 2, an axis kept (stride 1), and non-integer ratios
+SIZES = [((3, 5), (6, 10)), ((3, 4), (7, 9)), ((2, 2, 3), (4, 4, 6)), ((2, 2, 3), (2, 4, 5))]
+
+
+def reference_squeeze(high, low):
+    """Eq. 5 literally: concatenate [up(F_i), F_{i-1}], channel average + channel maximum."""
+    up = F.interpolate(high, size=low.shape[2:], mode=LINEAR[low.ndim - 2], align_corners=False)
+    cat = torch.cat((up, low), dim=1)
+    return cat.mean(1, keepdim=True) + cat.amax(1, keepdim=True)
+
+
+def reference_resample(attention, coarse):
+    """Eq. 6 with g_spa already applied, literally: area(attention * up(G)) back to G's size."""
+    up = F.interpolate(coarse, size=attention.shape[2:], mode=LINEAR[coarse.ndim - 2], align_corners=False)
+    return F.interpolate(attention * up, size=coarse.shape[2:], mode="area")
+
+
+def reference_spacor(module: pc.SpatialCorrelation, high, low):
+    """SpaCor (Eq. 4-6) as written: g_spa on the upsampled F_i, product at F_{i-1}'s size, area back."""
+    up = F.interpolate(high, size=low.shape[2:], mode=LINEAR[low.ndim - 2], align_corners=False)
+    attention = torch.sigmoid(module.f_spa(reference_squeeze(high, low)))
+    return F.interpolate(attention * module.g_spa(up), size=high.shape[2:], mode="area")
+
+
+def reference_semcor_logits(module: pc.SemanticCorrelation, x, higher, head):
+    """SemCor (Eq. 7-9) as written, then the level's 1x1 head: head(sigmoid(f_sem(T)) * g_sem(X))."""
+    axes = tuple(range(2, x.ndim))
+    squeeze = torch.cat((x.mean(axes), higher.mean(axes), x.amax(axes), higher.amax(axes)), dim=1)
+    attention = torch.sigmoid(module.f_sem(squeeze))
+    return head(attention.view(*attention.shape, *([1] * len(axes))) * module.g_sem(x))
+
+
+def randomise(module: nn.Module, seed: int) -> nn.Module:
+    """Random weights and biases (He init leaves biases at zero, which would hide bias errors)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.3)
+    return module
+
+
+@pytest.fixture(params=[pc.CHUNK_ELEMENTS, 50], ids=["one-chunk", "chunks-of-50-elements"])
+def chunk_elements(request, monkeypatch):
+    monkeypatch.setattr(pc, "CHUNK_ELEMENTS", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("coarse,fine", SIZES)
+def test_squeeze_equals_eq5_and_passes_gradcheck(coarse, fine, chunk_elements):
+    torch.manual_seed(0)
+    high = torch.randn(2, 5, *coarse, dtype=torch.float64, requires_grad=True)
+    low = torch.randn(2, 3, *fine, dtype=torch.float64, requires_grad=True)
+    ours = pc.upsampled_channel_squeeze(high, low)
+    assert ours.shape == (2, 1, *fine)
+    torch.testing.assert_close(ours, reference_squeeze(high, low), rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(ours)
+    ours_grads = torch.autograd.grad(ours, (high, low), grad)
+    reference_grads = torch.autograd.grad(reference_squeeze(high, low), (high, low), grad)
+    for a, b in zip(ours_grads, reference_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_squeeze_maximum_by_hand():
+    """1D-like 2D case: high (1 channel, 1x2) upsamples to [a, .75a+.25b, .25a+.75b, b] along x."""
+    high = torch.tensor([[[[0.0, 4.0]]]])
+    low = torch.tensor([[[[2.0, 2.0, 2.0, 2.0]]]])
+    # up(high) = [0, 1, 3, 4]; average of [up, low] = [1, 1.5, 2.5, 3]; maximum = [2, 2, 3, 4]
+    expected = torch.tensor([[[[3.0, 3.5, 5.5, 7.0]]]])
+    torch.testing.assert_close(pc.upsampled_channel_squeeze(high, low), expected)
+
+
+@pytest.mark.parametrize("coarse,fine", SIZES)
+def test_attention_resample_equals_the_product_and_passes_gradcheck(coarse, fine, chunk_elements):
+    torch.manual_seed(1)
+    attention = torch.rand(2, 1, *fine, dtype=torch.float64, requires_grad=True)
+    coarse_feature = torch.randn(2, 4, *coarse, dtype=torch.float64, requires_grad=True)
+    ours = pc.attention_resample(attention, coarse_feature)
+    assert ours.shape == coarse_feature.shape
+    torch.testing.assert_close(ours, reference_resample(attention, coarse_feature), rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(ours)
+    ours_grads = torch.autograd.grad(ours, (attention, coarse_feature), grad)
+    reference_grads = torch.autograd.grad(reference_resample(attention, coarse_feature), (attention, coarse_feature),
+                                          grad)
+    for a, b in zip(ours_grads, reference_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("coarse,fine", [SIZES[1], SIZES[3]], ids=["2d", "3d"])
+def test_functions_pass_gradcheck_in_chunks(coarse, fine, monkeypatch):
+    monkeypatch.setattr(pc, "CHUNK_ELEMENTS", 50)  # one channel per chunk
+    torch.manual_seed(4)
+    high = torch.randn(2, 3, *coarse, dtype=torch.float64, requires_grad=True)
+    low = torch.randn(2, 2, *fine, dtype=torch.float64, requires_grad=True)
+    attention = torch.rand(2, 1, *fine, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(pc.upsampled_channel_squeeze, (high, low), fast_mode=True)
+    assert gradcheck(pc.attention_resample, (attention, high), fast_mode=True)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6), (2, 3, 3, 4, 5)])
+def test_spatial_avg_max_by_value_and_gradcheck(shape):
+    torch.manual_seed(2)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    axes = tuple(range(2, x.ndim))
+    torch.testing.assert_close(pc.spatial_avg_max(x), torch.cat((x.mean(axes), x.amax(axes)), dim=1))
+    assert gradcheck(pc.spatial_avg_max, (x,), fast_mode=True)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_spacor_and_semcor_modules_equal_the_equations(dim):
+    """Values and gradients of every parameter and input against the literal equations, random weights."""
+    conv_op = nn.Conv2d if dim == 2 else nn.Conv3d
+    torch.manual_seed(3)
+    spacor = randomise(pc.SpatialCorrelation(conv_op, 6, 4, 3, nn.LeakyReLU), 0).double()
+    semcor = randomise(pc.SemanticCorrelation(conv_op, 4, 6, nn.LeakyReLU), 1).double()
+    head = randomise(conv_op(4, 3, 1), 2).double()
+    high = torch.randn(2, 6, *(4,) * dim, dtype=torch.float64, requires_grad=True)
+    low = torch.randn(2, 4, *(8,) * dim, dtype=torch.float64, requires_grad=True)
+
+    def outputs(spa_fn, sem_fn):
+        spa = spa_fn(spacor, high, low)
+        return spa, sem_fn(semcor, low, spa, head)
+    ours = outputs(pc.SpatialCorrelation.forward, pc.SemanticCorrelation.forward)
+    reference = outputs(reference_spacor, reference_semcor_logits)
+    assert ours[1].shape == (2, 3, *(8,) * dim)
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    leaves = [high, low, *spacor.parameters(), *semcor.parameters(), *head.parameters()]
+    weights = [torch.randn_like(o) for o in ours]
+
+    def grads(outs):
+        return torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, weights)), leaves)
+    for a, b in zip(grads(ours), grads(reference), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
