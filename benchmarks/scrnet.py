@@ -1,32 +1,43 @@
 """Cost of SCRNet against nnU-Net's default 2D network on the same plan, and the windowed attention's share.
 
     python -m benchmarks.scrnet [--patch 256 256] [--batch 4] [--window 8] [--device cpu|cuda] [--repeats 3]
+                                [--stored] [--write-readme]
 
-1. Cost table (``benchmarks.cost``): ``nnUNetTrainer`` vs ``nnUNetTrainerSCRNet`` (SCRM parts recomputed in the
-   backward pass, the trainer's default) and with ``--stored`` SCRNet storing them (``checkpoint_scrm=False``), from
-   nnU-Net's 2D topology for ``--patch`` (widths 32..512), each in a fresh process: parameters, forward+backward
-   FLOPs, median training-step time, peak tensor / resident memory of a step, sliding-window patches per second.
+Both networks are built by their trainers' ``build_network_architecture`` (``nnUNetTrainer``,
+``nnUNetTrainerSCRNet``: SCRM parts recomputed in the backward pass at the large stages, the trainer's default;
+with ``--stored`` also SCRNet storing every activation, ``checkpoint_scrm=False``) from nnU-Net's 2D topology for
+``--patch`` (widths 32..512).
+
+1. Cost table. Training-step time: both networks in ONE fresh process, a warm-up step each, then ``--repeats``
+   steps alternating between the networks (both under the same load), median wall time and median CPU time of
+   this process (all threads), ratios to nnU-Net's. Each network in its own fresh process: parameters,
+   forward+backward FLOPs (convolutions and matmuls, counted on one sample and multiplied by the batch, which is
+   exact for them), peak tensor memory and peak RSS of one training step, sliding-window patches per second.
 2. The attention: its FLOPs in SCRNet's training step by formula (``torch.utils.flop_counter`` has no formula for
    the CPU flash-attention kernel; per attention ``2 * 2 * N * T * C`` forward for ``N`` pixels, ``T`` tokens per
-   window, ``C`` channels, backward twice that, plus the recomputed forward), and
-   the median forward+backward time and peak memory of the two CCAPMs' ``WindowCrossAttention`` of every stage,
-   measured alone on that stage's query/key/value shapes, as a share of SCRNet's step time of the cost table.
+   window, ``C`` channels, backward twice that, plus the recomputed forward where the SCRM recomputes), and the
+   median forward+backward time and peak memory of the two CCAPMs' ``WindowCrossAttention`` of every stage,
+   measured alone on that stage's query/key/value shapes, as a share of SCRNet's step time.
 The paper gives no parameter count (nor widths or depth), so there is none to compare with.
+``--write-readme`` writes the tables into README.md's ``scrnet-cost`` block.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import statistics
+import time
 
 import torch
 
-from benchmarks.cost import print_cost_table
-from nnunet_ext.evaluation.cost import measure_trainers, set_deep_supervision
+from benchmarks.readme_results import add_write_readme_argument, write_results
+from nnunet_ext.evaluation.cost import BASELINE, build_network, set_deep_supervision
 from nnunet_ext.evaluation.measure import (count_parameters, flops, fmt_bytes, make_inference_step, make_train_step,
-                                median_time, peak_memory, run_in_fresh_process, throughput)
+                                           median_time, peak_memory, run_in_fresh_process, throughput)
 
 TRAINER = "nnUNetTrainerSCRNet"
-NO_RECOMPUTATION = "SCRNet, SCRMs stored"
+STORED = "SCRNet, SCRMs stored"
 
 
 def plans_and_managers(patch, batch):
@@ -38,72 +49,112 @@ def plans_and_managers(patch, batch):
     return plans, plans_manager, plans_manager.get_configuration("2d")
 
 
-def build_scrnet(patch, batch, **kwargs):
+def build(name: str, patch, batch):
+    """``nnUNetTrainer``'s or ``nnUNetTrainerSCRNet``'s network as the trainer builds it, or ``STORED``."""
+    plans, plans_manager, configuration_manager = plans_and_managers(patch, batch)
+    if name != STORED:
+        return build_network(name, plans, "2d", 1, 2)
     from nnunet_ext.architectures.scrnet import build_scrnet_from_plans
-    _, plans_manager, configuration_manager = plans_and_managers(patch, batch)
     torch.manual_seed(0)
-    return build_scrnet_from_plans(plans_manager, configuration_manager, 1, 2, True, **kwargs)
+    return build_scrnet_from_plans(plans_manager, configuration_manager, 1, 2, True, checkpoint_scrm=False)
 
 
-def measure_scrnet_variant(patch, batch, device, repeats, **kwargs) -> dict:
-    """The cost table's numbers for SCRNet built with ``kwargs`` (as ``benchmarks.cost.measure_network``)."""
-    model = build_scrnet(patch, batch, **kwargs).to(device)
+def measure_costs(name: str, patch, batch, device, repeats) -> dict:
+    """Parameters, FLOPs, peak memory and inference throughput of one network (call in a fresh process)."""
+    model = build(name, patch, batch).to(device)
     x = torch.randn(batch, 1, *patch, device=device)
-    step = make_train_step(model, x)
-    memory = peak_memory(step, device)
-    result = {"parameters": count_parameters(model), "flops": flops(step),
-              "step_s": median_time(step, repeats=repeats, device=device), "memory": memory.bytes,
-              "rss": memory.rss_bytes}
+    memory = peak_memory(make_train_step(model, x), device)
+    result = {"parameters": count_parameters(model), "flops": batch * flops(make_train_step(model, x[:1])),
+              "memory": memory.bytes, "rss": memory.rss_bytes}
     set_deep_supervision(model, False)
     result["patches_per_s"] = throughput(make_inference_step(model, x[:1]), repeats=repeats, device=device)
     return result
 
 
-def attention_share(patch, batch, window, device, repeats, step_s: float) -> dict:
-    """SDPA FLOPs in SCRNet's step, and each stage's two window attentions measured alone."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from nnunet_ext.building_blocks.feature_aggregation import WindowCrossAttention, window_sizes
-    model = build_scrnet(patch, batch, window_size=window).to(device)
+def interleaved_step_times(names, patch, batch, device, repeats) -> dict:
+    """``{name: (median wall s, median CPU s)}`` of training steps alternating between the networks."""
     x = torch.randn(batch, 1, *patch, device=device)
-    step = make_train_step(model, x)
-    counter = FlopCounterMode(display=False)
-    with counter:
+    steps = {name: make_train_step(build(name, patch, batch).to(device), x) for name in names}
+    for step in steps.values():
         step()
-    counted = sum(v for op, v in counter.get_flop_counts()["Global"].items() if "scaled_dot_product" not in str(op))
-    attention_flops = 0
-    stages, size = [], list(patch)
+    times = {name: [] for name in names}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            step()
+            if device != "cpu":
+                torch.cuda.synchronize(device)
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {name: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for name, v in times.items()}
+
+
+def attention_share(patch, batch, window, device, repeats) -> dict:
+    """The windowed attention's FLOPs by formula, and each stage's two attentions measured alone."""
+    from nnunet_ext.building_blocks.feature_aggregation import WindowCrossAttention, window_sizes
+    model = build(TRAINER, patch, batch)
+    stages, size, attention_flops = [], list(patch), 0
     for scrm, stride in zip(model.scrms, model.strides):
         size = [s // st for s, st in zip(size, stride)]
-        ccapm = scrm.fam.ccapm_high
-        channels = ccapm.fi_query.project.out_channels
-        attention = WindowCrossAttention(ccapm.attention.heads, window)
+        channels = scrm.fam.fi_high.channels
+        recomputed = scrm.recompute and channels * math.prod(size) >= scrm.recompute_min_elements
+        attention = WindowCrossAttention(scrm.fam.ccapm_high.attention.heads, window)
         qkv = [torch.randn(batch, channels, *size, device=device, requires_grad=True) for _ in range(3)]
 
         def attention_step():
-            out = attention(*qkv)
-            out.sum().backward()
+            attention(*qkv).sum().backward()
         memory = peak_memory(attention_step, device)
         tokens = window_sizes(size, window)
-        attention_flops += 2 * 4 * (4 * batch * math.prod(size) * math.prod(tokens)
-                                    * channels)  # 2 CCAPMs x (fwd + recomputed fwd + 2x fwd bwd) x forward
-        stages.append({"size": size, "channels": channels, "windows": window_sizes(size, window),
+        forward = 4 * batch * math.prod(size) * math.prod(tokens) * channels
+        attention_flops += 2 * (4 if recomputed else 3) * forward  # 2 CCAPMs x (fwd [+ recomputed fwd] + bwd)
+        stages.append({"size": size, "channels": channels, "windows": tokens, "recomputed": recomputed,
                        "time_s": 2 * median_time(attention_step, repeats=repeats, device=device),
                        "memory": memory.bytes})
-    return {"total_flops": counted + attention_flops, "sdpa_flops": attention_flops, "step_s": step_s,
-            "stages": stages}
+    return {"sdpa_flops": attention_flops, "stages": stages}
 
 
-def print_attention_share(share: dict) -> None:
-    print(f"\nwindow attention: {share['sdpa_flops'] / 1e9:.2f} of {share['total_flops'] / 1e9:.2f} fwd+bwd GFLOPs "
-          f"of SCRNet's step ({100 * share['sdpa_flops'] / share['total_flops']:.1f}%; attention by formula)")
-    print(f"{'stage size':>12}{'channels':>10}{'window':>10}{'2x attention fwd+bwd (s)':>28}{'peak (one)':>14}")
+ROWS = (("parameters", "parameters", lambda v: f"{v:,}"),
+        ("fwd+bwd GFLOPs (convs, matmuls)", "flops", lambda v: f"{v / 1e9:.1f}"),
+        ("training step, median wall (s)", "wall_s", lambda v: f"{v:.2f}"),
+        ("training step, median CPU (s)", "cpu_s", lambda v: f"{v:.2f}"),
+        ("peak tensor memory of a step", "memory", fmt_bytes),
+        ("peak RSS of a step", "rss", fmt_bytes),
+        ("sliding-window patches/s", "patches_per_s", lambda v: f"{v:.2f}"))
+TARGETS = {"wall_s": 4.0, "cpu_s": 4.0, "memory": 3.0}
+
+
+def cost_markdown(results: dict) -> str:
+    names = [n for n in results if n != BASELINE]
+    base = results[BASELINE]
+    lines = ["| | `nnUNetTrainer` | " + " | ".join(f"`{n}` | ratio" for n in names) + " | target |",
+             "|---|---|" + "---|---|" * len(names) + "---|"]
+    for label, key, fmt in ROWS:
+        if base.get(key) is None:
+            continue
+        cells = []
+        for n in names:
+            ratio = results[n][key] / base[key]
+            cells += [fmt(results[n][key]), f"**{ratio:.2f}**" if key in TARGETS else f"{ratio:.2f}"]
+        target = f"<= {TARGETS[key]:g}" if key in TARGETS else ""
+        if key in TARGETS:
+            target += ": met" if results[TRAINER][key] / base[key] <= TARGETS[key] else ": **missed**"
+        lines.append(f"| {label} | {fmt(base[key])} | " + " | ".join(cells) + f" | {target} |")
+    return "\n".join(lines)
+
+
+def attention_markdown(share: dict, total_flops: float, step_s: float) -> str:
+    lines = [f"Windowed attention: {share['sdpa_flops'] / 1e9:.1f} of {total_flops / 1e9:.1f} training-step GFLOPs "
+             f"({100 * share['sdpa_flops'] / total_flops:.1f}%, attention by formula). Measured alone per stage "
+             "(forward + backward of the two CCAPMs' attentions on the stage's shapes):", "",
+             "| stage size | channels | window | recomputed | 2x attention fwd+bwd (s) | peak (one) |",
+             "|---|---|---|---|---|---|"]
     for s in share["stages"]:
-        print(f"{'x'.join(map(str, s['size'])):>12}{s['channels']:>10}{'x'.join(map(str, s['windows'])):>10}"
-              f"{s['time_s']:>28.3f}{fmt_bytes(s['memory']):>14}")
+        lines.append(f"| {'x'.join(map(str, s['size']))} | {s['channels']} | {'x'.join(map(str, s['windows']))} | "
+                     f"{'yes' if s['recomputed'] else 'no'} | {s['time_s']:.3f} | {fmt_bytes(s['memory'])} |")
     total = sum(s["time_s"] for s in share["stages"])
-    print(f"attention alone, all stages: {total:.3f} s = {100 * total / share['step_s']:.1f}% of SCRNet's "
-          f"training step ({share['step_s']:.3f} s, cost table)")
+    lines += ["", f"Attention alone, all stages: {total:.2f} s = {100 * total / step_s:.1f}% of SCRNet's median "
+                  f"training-step wall time ({step_s:.2f} s, table above; measured separately, under the same load "
+                  "only approximately)."]
+    return "\n".join(lines)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -114,21 +165,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stored", action="store_true", help="also SCRNet without recomputation")
+    add_write_readme_argument(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    print(f"device {args.device}, {torch.get_num_threads()} threads, 2d, patch {args.patch}, batch {args.batch}, "
-          f"1 input channel, 2 classes")
-    plans, _, _ = plans_and_managers(args.patch, args.batch)
-    results = measure_trainers([TRAINER], plans, "2d", 1, 2, args.batch, args.device, args.repeats)
-    if args.stored:
-        results[NO_RECOMPUTATION] = run_in_fresh_process(measure_scrnet_variant, args.patch, args.batch, args.device,
-                                                         args.repeats, checkpoint_scrm=False)
-    print_cost_table(results)
-    print_attention_share(run_in_fresh_process(attention_share, args.patch, args.batch, args.window, args.device,
-                                               args.repeats, results[TRAINER]["step_s"]))
+    header = (f"device {args.device}, {torch.get_num_threads()} threads, 2d, patch {args.patch}, batch {args.batch}, "
+              f"1 input channel, 2 classes; nnU-Net's 2D topology for the patch (widths 32..512)")
+    print(header, flush=True)
+    names = [BASELINE, TRAINER] + ([STORED] if args.stored else [])
+    loads = [os.getloadavg()[0]]
+    results = {name: run_in_fresh_process(measure_costs, name, args.patch, args.batch, args.device, args.repeats)
+               for name in names}
+    loads.append(os.getloadavg()[0])
+    times = run_in_fresh_process(interleaved_step_times, names, args.patch, args.batch, args.device, args.repeats)
+    loads.append(os.getloadavg()[0])
+    for name, (wall, cpu) in times.items():
+        results[name].update(wall_s=wall, cpu_s=cpu)
+    table = cost_markdown(results)
+    print(table, flush=True)
+    share = run_in_fresh_process(attention_share, args.patch, args.batch, args.window, args.device, args.repeats)
+    loads.append(os.getloadavg()[0])
+    total_flops = results[TRAINER]["flops"] + share["sdpa_flops"]
+    attention = attention_markdown(share, total_flops, results[TRAINER]["wall_s"])
+    print(attention)
+    load_line = ("1-minute load average " + ", ".join(f"{v:.1f}" for v in loads)
+                 + " (start, after the per-network measurements, after the step times, at the end)")
+    print(load_line)
+    if args.write_readme:
+        write_results("scrnet-cost", "\n\n".join([header + f"; step times from {args.repeats} alternating "
+                                                  f"repeats in one process; {load_line}.", table, attention]))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def test_forward_backward_deep_supervision_on_and_off(configuration, arch):
 def test_recomputation_gives_the_stored_result_and_gradients():
     results = []
     for checkpoint_scrm in (True, False):
-        net, cm = build("2d", checkpoint_scrm=checkpoint_scrm)
+        net, cm = build("2d", checkpoint_scrm=checkpoint_scrm, recompute_min_elements=0)
         torch.manual_seed(1)
         outputs = net(torch.randn(2, 1, *cm.patch_size))
         sum(o.mean() for o in outputs).backward()
@@ -61,6 +61,17 @@ def test_recomputation_gives_the_stored_result_and_gradients():
         torch.testing.assert_close(x, y)
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], msg=name)
+
+
+def test_only_large_scrms_recompute():
+    net, cm = build("2d", recompute_min_elements=16 * 32 * 32)
+    net.train()
+    widths, size, recomputing = net.features_per_stage, list(cm.patch_size), []
+    for scrm, width, stride in zip(net.scrms, widths, net.strides):
+        size = [s // st for s, st in zip(size, stride)]
+        scrm(torch.randn(1, width, *size))
+        recomputing.append((scrm._recomputing, width * size[0] * size[1] >= 16 * 32 * 32))
+    assert all(a == b for a, b in recomputing) and any(a for a, _ in recomputing) and not all(a for a, _ in recomputing)
 
 
 def test_determinism_under_a_fixed_seed():

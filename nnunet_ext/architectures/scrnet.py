@@ -14,10 +14,12 @@ Sec. III-C, Fig. 3) built from an nnU-Net plan, 2D or 3D by the plan's ``conv_op
   returns every head's logits, highest resolution first, one per nnU-Net deep-supervision level.
 - Widths, depth, kernel sizes and strides all come from the plan. The SCRM's windowed cross-attention uses
   windows of 8 pixels per axis in 2D and 4 in 3D (64 tokens each).
-- ``checkpoint_scrm`` (default on): every SCRM stores only the inputs of its parts (Spatial Gate, Channel
-  Refinement, the two CCAPMs, SK fusion) and recomputes their internals in the backward pass
-  (``torch.utils.checkpoint``, ``SCRM.recompute``): identical values and gradients, a fraction of the
-  training memory for one more forward pass of the SCRMs (measured: README, SCRNet section).
+- ``checkpoint_scrm`` (default on): every SCRM whose input has at least ``recompute_min_elements`` elements per
+  sample (default 256 x 32^2: at a 256^2 patch the four highest-resolution stages) stores only the inputs of its
+  parts (Spatial Gate with Channel Refinement, the two Feature-Initialize groups, the two CCAPMs, SK fusion) and
+  recomputes their internals in the backward pass (``torch.utils.checkpoint``, ``SCRM.recompute``): identical
+  values and gradients, a fraction of the training memory for one more forward pass of those SCRMs; the deeper
+  SCRMs store their activations (little memory, and their 1x1 convs cost as much as those of the large ones).
 """
 import pydoc
 from typing import List, Optional, Sequence, Type, Union
@@ -34,6 +36,8 @@ from dynamic_network_architectures.building_blocks.simple_conv_blocks import Sta
 from nnunet_ext.building_blocks.feature_aggregation import SCRM
 
 DEFAULT_WINDOW = {2: 8, 3: 4}
+# SCRMs whose input has at least this many elements per sample recompute their parts (256 channels x 32^2 pixels)
+RECOMPUTE_MIN_ELEMENTS = 256 * 32 * 32
 
 
 def _as_list(value: Union[int, Sequence[int]], dim: int) -> List[int]:
@@ -49,7 +53,7 @@ class SCRNet(nn.Module):
                  norm_op: Type[nn.Module], norm_op_kwargs: Optional[dict] = None,
                  nonlin: Type[nn.Module] = nn.LeakyReLU, nonlin_kwargs: Optional[dict] = None,
                  conv_bias: bool = True, deep_supervision: bool = False, window_size: Optional[int] = None,
-                 heads: int = 4, checkpoint_scrm: bool = True):
+                 heads: int = 4, checkpoint_scrm: bool = True, recompute_min_elements: int = RECOMPUTE_MIN_ELEMENTS):
         super().__init__()
         dim = convert_conv_op_to_dim(conv_op)
         n_stages = len(features_per_stage)
@@ -76,7 +80,8 @@ class SCRNet(nn.Module):
             self.encoder_convs.append(StackedConvBlocks(n_conv_per_stage[s], conv_op, channels, width,
                                                         self.kernel_sizes[s], 1, **block))
             self.scrms.append(SCRM(conv_op, width, self.kernel_sizes[s], heads, window_size, recompute=checkpoint_scrm,
-                                   eps=(norm_op_kwargs or {}).get("eps", 1e-5)))
+                                   eps=(norm_op_kwargs or {}).get("eps", 1e-5),
+                                   recompute_min_elements=recompute_min_elements))
             channels = width
 
         transp_op = get_matching_convtransp(conv_op)
@@ -119,7 +124,8 @@ class SCRNet(nn.Module):
 
 def build_scrnet_from_plans(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
                             enable_deep_supervision: bool = True, window_size: Optional[int] = None, heads: int = 4,
-                            checkpoint_scrm: bool = True) -> SCRNet:
+                            checkpoint_scrm: bool = True,
+                            recompute_min_elements: int = RECOMPUTE_MIN_ELEMENTS) -> SCRNet:
     """SCRNet on the plan's depth, widths, kernel sizes, strides, norm and nonlinearity (plain or residual-encoder
     plans; the latter's ``n_blocks_per_stage`` is not used: SCRNet's encoder stages have 2 plain convs there)."""
     arch = dict(configuration_manager.network_arch_init_kwargs)
@@ -132,5 +138,5 @@ def build_scrnet_from_plans(plans_manager, configuration_manager, num_input_chan
                   arch["n_conv_per_stage_decoder"], arch["norm_op"], arch.get("norm_op_kwargs"),
                   arch.get("nonlin") or nn.LeakyReLU, arch.get("nonlin_kwargs"), arch.get("conv_bias", True),
                   deep_supervision=enable_deep_supervision, window_size=window_size, heads=heads,
-                  checkpoint_scrm=checkpoint_scrm)
+                  checkpoint_scrm=checkpoint_scrm, recompute_min_elements=recompute_min_elements)
 

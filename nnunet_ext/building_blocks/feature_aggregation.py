@@ -254,24 +254,28 @@ class SCRM(nn.Module):
     """Spatial-Channel Regulation Module: ``FAM(CR(SG(x)))``, ``C`` channels in and out.
 
     Runs channels-last inside (returns ``x``'s layout). ``X_L`` is never materialised: ``fi_low``'s projection
-    reads ``X_C2`` through ``ChannelRefinement.project_low``. ``recompute``: in training, store only the inputs
-    of the parts (Spatial Gate with Channel Refinement, each Feature-Initialize group, each CCAPM, SK fusion)
-    and recompute their internals in the backward pass (``torch.utils.checkpoint``): the same values and
-    gradients for one more forward pass of the parts.
+    reads ``X_C2`` through ``ChannelRefinement.project_low``. ``recompute``: in training, for an input of at
+    least ``recompute_min_elements`` elements per sample (``C * pixels``), store only the inputs of the parts
+    (Spatial Gate with Channel Refinement, each Feature-Initialize group, each CCAPM, SK fusion) and recompute
+    their internals in the backward pass (``torch.utils.checkpoint``): the same values and gradients for one more
+    forward pass of the parts. Smaller (deeper) SCRMs store everything: their activations are a small part of the
+    memory, while their 1x1 convs cost as much time as those of the large ones.
     """
 
     def __init__(self, conv_op: Type[_ConvNd], channels: int, kernel_size: KernelSize, heads: int = 4,
-                 window_size: int = 8, recompute: bool = False, eps: float = 1e-5):
+                 window_size: int = 8, recompute: bool = False, eps: float = 1e-5,
+                 recompute_min_elements: int = 0):
         super().__init__()
         self.spatial_gate = SpatialGate(channels)
         self.channel_refinement = ChannelRefinement(conv_op, channels, kernel_size)
         if self.channel_refinement.up_channels * 2 != channels:
             raise ValueError(f"SCRM needs the Channel Refinement split at the Spatial Gate's halves, got {channels}")
         self.fam = FeatureAggregationModule(conv_op, channels, kernel_size, heads, window_size, eps)
-        self.recompute = recompute
+        self.recompute, self.recompute_min_elements = recompute, recompute_min_elements
+        self._recomputing = False
 
     def _run(self, function, *inputs: torch.Tensor):
-        if self.recompute and self.training and torch.is_grad_enabled():
+        if self._recomputing:
             return checkpoint(function, *inputs, use_reentrant=False)
         return function(*inputs)
 
@@ -284,6 +288,8 @@ class SCRM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fam = self.fam
+        self._recomputing = (self.recompute and self.training and torch.is_grad_enabled()
+                             and x[0].numel() >= self.recompute_min_elements)
         x_h, x_c2 = self._run(self._refine, channels_last(x))
         first, second = fam.ccapm_inputs(self._run(fam.fi_high, x_h), self._run(self._initialise_low, x_c2))
         out = self._run(fam.fuse, self._run(fam.ccapm_high, *first), self._run(fam.ccapm_low, *second))
