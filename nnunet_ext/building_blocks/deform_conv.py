@@ -12,39 +12,38 @@ where dp_k is a learned fractional offset, dm_k in [0, 1] a learned modulation s
 What is in this module
 ----------------------
 ``deform_conv_nd``
-    Functional, pure-PyTorch implementation for N = 2 or 3 spatial dims (the only DCNv2 3D available
-    for current torch; torchvision only has 2D). Per kernel point the sampling positions
-    ``out_idx * stride - padding + dilation * k + offset_k`` are computed in fp32 (fp64 for double
-    inputs), normalised for ``align_corners=True`` and sampled with ONE call of
-    ``torch.nn.functional.grid_sample`` (mode ``'bilinear'`` = trilinear for 5D input,
-    ``padding_mode='zeros'``; all K kernel points are stacked along the first output axis of the
-    grid). The samples are multiplied by the modulation mask and contracted with the kernel like a
-    1x1(x1) convolution (a batched matmul over ``(C_in / groups) * K``).
+    The memory-lean pure-PyTorch DCNv2 for N = 2 or 3 spatial dims (the only DCNv2 3D available for current torch;
+    torchvision only has 2D), one ``torch.autograd.Function`` (``_DeformConvFunction``). Per chunk of kernel points
+    the sampling positions ``out_idx * stride - padding + dilation * k + offset_k`` are computed in fp32 (fp64 for
+    double inputs; no copy of an fp32 input), normalised for ``align_corners=True`` and sampled with ONE call of
+    ``torch.nn.functional.grid_sample`` (mode ``'bilinear'`` = trilinear for 5D input, ``padding_mode='zeros'``;
+    the chunk's kernel points stacked along the first output axis of the grid); the modulation multiplies the
+    samples in place and a batched matmul over ``(C_in / groups) * K_chunk`` contracts them with the kernel.
+    For backward it saves only input, offsets, mask and weight: the backward recomputes each chunk's samples and
+    gets grad_input and the grid gradient from ``aten.grid_sampler_{2,3}d_backward``, grad_mask from the same
+    samples (``sum_c dcols * samples``), grad_weight by a matmul. Peak memory of a layer: its inputs and output
+    plus one chunk's samples and column gradients (``2 * C_in * kernel_chunk * voxels``) while it runs.
     Supported: stride, padding, dilation (per axis), conv groups, offset ("deformable") groups,
     ``mask=None`` (DCNv1), any float dtype (sampling runs in fp32 for half/bfloat16 inputs), axes of
     size 1 (such an axis is zero-padded to size 2 internally, because ``align_corners=True`` cannot
     address an axis of size 1: every normalised coordinate would map to voxel 0).
-    Not supported: transposed deformable conv, 1D.
+    Not supported: transposed deformable conv, 1D, double backward.
+``deform_conv_reference``
+    The same computation by plain autograd (all kernel points at once; autograd keeps the ``C_in * K * voxels``
+    samples twice, plain and modulated): the reference the tests compare the lean Function and the Triton kernels
+    (``deform_conv_triton``) against.
 ``DeformConv``
-    Module holding the kernel (and bias). 2D uses ``torchvision.ops.deform_conv2d`` (compiled kernels,
-    CPU and CUDA), 3D uses ``deform_conv_nd``; ``backend='generic'`` forces the PyTorch
-    implementation in 2D too (on CPU it is the faster one: torchvision's CPU backward is naive; with
-    B=1, 16->16 channels, 128^2, k=3, fwd+bwd took 0.07 s generic vs 0.48 s torchvision on 2 cores).
-    ``checkpoint=True`` evaluates the generic path in chunks of kernel points under
-    ``torch.utils.checkpoint``: only input, offsets and mask are kept for backward (not the
-    ``C_in * K * voxels`` samples) and the transient peak is one chunk's; costs one extra sampling
-    pass (32^3, 16 channels: tensor peak 230 -> 93 MiB, time x1.3 on CPU).
-    Works under ``torch.compile`` (``fullgraph=True``; no data-dependent Python control flow).
-
-Memory of the PyTorch path: it materialises the ``C_in * K * voxels`` samples twice (plain and
-modulated, both kept for backward), so at full resolution in 3D it costs ~2 * 27 = 54 copies of the
-input feature map; ``checkpoint=True`` or applying it only at coarser levels bounds that.
+    Module holding the kernel (and bias); ``backend`` picks the implementation per call (``resolve_backend``):
+    ``'auto'`` = Triton on CUDA when triton is importable, else torchvision in 2D on CUDA, and the lean PyTorch
+    path on the CPU in 2D and 3D (measured faster there than torchvision's CPU kernels, whose backward is naive:
+    ``benchmarks/deform_conv_and_lfam.py`` prints every backend side by side).
 ``ModulatedDeformConvBlock``
-    A ``DeformConv`` with its own offset/mask predictor (a regular conv with the same kernel size,
-    stride, padding and dilation, zero-initialised weight and bias: offsets start at 0 = regular
-    grid, the mask at sigmoid(0) = 0.5). ``forward(x, guide=None)`` predicts offsets and mask from
-    ``guide`` (default: ``x``) and deforms ``x``; a different guide tensor (same spatial size, any
-    channel count given as ``guide_channels``) is what SPA-DCN-Net and the decoder-guided LFAM use.
+    A ``DeformConv`` with its own offset/mask predictor (``'full'``: a regular conv with the same kernel size,
+    stride, padding and dilation, as in DCNv2; ``'separable'``: depthwise k^N + 1x1, about K times cheaper), whose
+    last conv has zero weight and bias: offsets start at 0 = regular grid, the mask at sigmoid(0) = 0.5.
+    ``forward(x, guide=None)`` predicts offsets and mask from ``guide`` (default: ``x``) and deforms ``x``; a
+    different guide tensor (same spatial size, any channel count given as ``guide_channels``) is what SPA-DCN-Net
+    and the decoder-guided LFAM use.
 
 Offset / mask layout (identical to torchvision in 2D)
 -----------------------------------------------------
@@ -56,7 +55,8 @@ Offset / mask layout (identical to torchvision in 2D)
 * ``mask``: ``(B, G * K, *out)``, channel ``g * K + k``; used as given (NOT sigmoided inside).
 * Offset group ``g`` covers input channels ``[g * C_in / G, (g + 1) * C_in / G)``.
 * ``grid_sample`` wants the last grid axis ordered ``(x=W, y=H, z=D)``, the reverse of the tensor
-  axes; the implementation flips it once, after normalisation.
+  axes; the lean path writes each axis into its own contiguous plane of the grid (``grid_sample`` reads the grid
+  through its strides), in reversed order.
 """
 from __future__ import annotations
 
