@@ -4,6 +4,7 @@ its progress on the console (a live bar on a terminal, lines otherwise) but neve
 import io
 import os
 import re
+import select
 import subprocess
 import sys
 import time
@@ -107,9 +108,15 @@ def test_progress_on_a_terminal_is_a_live_bar():
     with os.fdopen(secondary, "w") as terminal:
         progress = EpochProgress(0, 2, 5, stream=terminal)
         for loss in (1.5, 1.25, 1.0):
+            time.sleep(0.2)  # an iteration; tqdm redraws at most every 0.1 s
             progress.update(loss)
         terminal.flush()
-        shown = os.read(primary, 65536).decode()
+        shown = b""
+        while select.select([primary], [], [], 5)[0]:  # never blocks: what the bar wrote, until 5 s of silence
+            shown += os.read(primary, 65536)
+            if b"loss=1.0000" in shown:
+                break
+        shown = shown.decode()
         progress.close()
     os.close(primary)
     assert "\r" in shown and "epoch 1/2" in shown and "3/5" in shown and "loss=1.0000" in shown

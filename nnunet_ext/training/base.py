@@ -84,7 +84,9 @@ learn a useful model. nnU-Net has no command-line switch for the length of train
 DEMO_SCHEDULE = TrainingSchedule(epochs=6, iterations=12, val_iterations=2)
 """``nnunet_ext_demo``'s default (the ``*_demo`` variants, with mirroring off like ``*_quick``): long enough for DPC-Net
 and nnU-Net's network to segment the liver of the synthetic LiTS task (Dice >= 0.8) within the demo's 10 minutes on 2
-CPU cores; few long epochs, because each epoch adds a validation, a plot and possibly a checkpoint."""
+CPU cores. Chosen from a 10 x 10 DPC-Net run on the demo's plan, where the liver pseudo Dice was 0.25, 0.73, 0.87 and
+0.93 after 20, 30, 40 and 50 iterations: 72 iterations leave a margin for the faster poly decay of 6 epochs. Few long
+epochs, because each epoch adds a validation, a progress plot and possibly a checkpoint."""
 
 
 def configuration_dimension(configuration_manager) -> int:

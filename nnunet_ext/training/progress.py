@@ -42,8 +42,8 @@ class EpochProgress:
         self.total, self.interval_s, self.clock = total, interval_s, clock
         self.done = 0
         self.start = self.last_line = clock()
-        self.bar = tqdm(total=total, desc=self.label, file=self.stream, leave=False, dynamic_ncols=True) \
-            if self.stream.isatty() else None
+        # no dynamic_ncols: tqdm prints nothing on a terminal that reports 0 columns (a pty without a window size)
+        self.bar = tqdm(total=total, desc=self.label, file=self.stream, leave=False) if self.stream.isatty() else None
 
     def update(self, loss: float) -> None:
         """One more iteration done, with its loss."""
