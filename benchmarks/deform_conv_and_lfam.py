@@ -14,7 +14,7 @@
 (b) LFAM U-Net on every skip against the plan's U-Net (PlainConvUNet, 3D, 4 stages 32/64/128/256, 3x3x3, instance
     norm, LeakyReLU, deep supervision), patch 32x64x64, batch 2: training step (forward + backward, stand-in loss),
     peak tensor memory and peak RSS of one step (each network in a fresh process), inference throughput (batch 1,
-    no_grad, deep supervision off). Variants: default (separable predictor) and full predictor. Step times:
+    no_grad, deep supervision off). Variants: default (full predictor) and separable predictor. Step times:
     interleaved rounds of all networks in one process. The largest cubic
     3d_fullres patch (side a multiple of 8, batch 2) each network fits in ``--budget-gb``, from the measured tensor
     memory per input voxel (activations grow linearly with the voxels; the weights are negligible).
@@ -36,8 +36,8 @@ from nnunet_ext.evaluation.measure import (count_parameters, fmt_bytes, make_inf
                                            median_wall_and_cpu_time, peak_memory, run_in_fresh_process)
 
 OP_CASES = {3: ["conv", "reference", "generic", "generic_all"], 2: ["conv", "reference", "generic", "torchvision"]}
-UNET_KINDS = {"plain": "plan's U-Net", "lfam": "LFAM, all skips (default: separable predictor)",
-              "lfam_full": "LFAM, all skips, full predictor"}
+UNET_KINDS = {"plain": "plan's U-Net", "lfam": "LFAM, all skips (default: full predictor)",
+              "lfam_sep": "LFAM, all skips, separable predictor"}
 PATCH = (32, 64, 64)
 BATCH = 2
 
@@ -150,7 +150,7 @@ def build_unet(kind: str, device: str):
     net = PlainConvUNet(**unet_kwargs())
     net.apply(PlainConvUNet.initialize)
     if kind != "plain":
-        net = LFAMUNet(net, predictor="full" if kind == "lfam_full" else "separable")
+        net = LFAMUNet(net, predictor="separable" if kind == "lfam_sep" else "full")
         with torch.no_grad():  # away from the identity initialisation: the costs of a trained model
             for p in net.lfam.parameters():
                 p.normal_(0, 0.01)

@@ -170,8 +170,9 @@ def test_independent_weights_per_level():
     net = LFAMUNet(build_base(PLAIN, 3))
     assert net.lfam_levels == (0, 1, 2)
     ptrs = [p.data_ptr() for p in net.lfam.parameters()]
-    # 3 levels x (dcn weight, depthwise weight and bias, 1x1 weight and bias of the separable predictor)
-    assert len(ptrs) == len(set(ptrs)) == 3 * 5
+    assert len(ptrs) == len(set(ptrs)) == 3 * 3  # 3 levels x (dcn weight, offset weight, offset bias)
+    # the separable predictor: depthwise weight and bias, 1x1 weight and bias
+    assert len(list(LFAMUNet(build_base(PLAIN, 3), predictor="separable").lfam.parameters())) == 3 * 5
     # channels and kernels follow the plan per level: (1,3,3) at full resolution, 3x3x3 below
     assert tuple(net.lfam["0"].dcn_block.dcn.weight.shape) == (4, 4, 1, 3, 3)
     assert tuple(net.lfam["1"].dcn_block.dcn.weight.shape) == (8, 8, 3, 3, 3)
@@ -267,9 +268,9 @@ def test_lfam_module_is_identity_at_init_and_feature_map_size():
     m = LFAM(6, 3, kernel_size=3)
     x = torch.randn(1, 6, 4, 5, 6)
     assert torch.equal(m(x), x)
-    # estimate: offset/mask out 4*27, sigmoid mask 27, DCN out + sum 2*6, depthwise output of the separable
-    # predictor 6; the lean DCN keeps no samples
-    assert m.feature_map_size((4, 5, 6)) == (108 + 27 + 12 + 6) * 120
-    assert LFAM(6, 3, kernel_size=3, predictor="full").feature_map_size((4, 5, 6)) == (108 + 27 + 12) * 120
+    # estimate: offset/mask out 4*27, sigmoid mask 27, DCN out + sum 2*6 (the lean DCN keeps no samples); the
+    # separable predictor adds its depthwise output (6)
+    assert m.feature_map_size((4, 5, 6)) == (108 + 27 + 12) * 120
+    assert LFAM(6, 3, kernel_size=3, predictor="separable").feature_map_size((4, 5, 6)) == (108 + 27 + 12 + 6) * 120
     with pytest.raises(ValueError, match="odd"):
         LFAM(6, 2, kernel_size=2)

@@ -12,7 +12,7 @@ With Gradient-Optimized Dice Loss", IEEE SPL 2024).
 - ``nnUNetTrainerLFAMGODC_quick``, ``nnUNetTrainerGODC_quick``: a few iterations only, for smoke runs.
 
 GODC needs per-sample Dice, so its trainers use ``batch_dice=False`` whatever the plan says. The LFAM
-trainers use LFAM's defaults: the memory-lean DCN and the separable offset/mask predictor.
+trainers use LFAM's defaults: the memory-lean DCN and the full offset/mask predictor.
 """
 from nnunet_ext.architectures.lfam_unet import build_lfam_unet_from_plans
 from nnunet_ext.losses.godc import GODCDiceLoss
