@@ -121,14 +121,14 @@ def test_window_attention_is_local():
 
 def test_sk_weights_sum_to_one_per_channel():
     torch.manual_seed(0)
-    sk = SKFusion(nn.Conv2d, 16)
+    sk = SKFusion(16)
     y1, y2 = torch.randn(3, 16, 5, 7), torch.randn(3, 16, 5, 7)
     a = sk.weights(y1, y2)
     assert a.shape == (3, 2, 16, 1, 1)
     torch.testing.assert_close(a.sum(dim=1), torch.ones(3, 16, 1, 1))
     assert (a > 0).all() and a.std() > 0  # genuinely per channel, not a constant 0.5
     torch.testing.assert_close(sk(y1, y2), a[:, 0] * y1 + a[:, 1] * y2)
-    assert sk.squeeze[0].out_channels == 32  # SKNet's d = max(C / 16, 32)
+    assert sk.squeeze[0].out_features == 32  # SKNet's d = max(C / 16, 32)
 
 
 @pytest.mark.parametrize("dim", [2, 3])
@@ -207,3 +207,21 @@ def test_blocks_shapes_and_gradients(dim):
     y.square().mean().backward()
     assert_every_parameter_has_gradient(scrm)
     assert scrm.compute_conv_feature_map_size(shape[2:]) > 20 * math.prod(shape[1:])
+
+
+
+def test_sk_weights_do_not_depend_on_the_thread_count():
+    """The SK selection of channels-last maps is bit-identical with 1 and 2 threads (its 1x1 convs on the pooled
+    vector would not be: they are matrix products)."""
+    torch.manual_seed(0)
+    sk = SKFusion(64)
+    y1, y2 = (torch.randn(2, 64, 32, 32).contiguous(memory_format=torch.channels_last) for _ in range(2))
+    threads = torch.get_num_threads()
+    try:
+        weights = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            weights.append(sk.weights(y1, y2))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(weights[0], weights[1])

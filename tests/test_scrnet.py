@@ -25,7 +25,7 @@ def test_forward_backward_deep_supervision_on_and_off(configuration, arch):
     net, cm = build(configuration, arch)
     arch_kwargs = cm.network_arch_init_kwargs
     assert isinstance(net, SCRNet) and len(net.scrms) == arch_kwargs["n_stages"]
-    assert [s.fam.fuse.select.out_channels // 2 for s in net.scrms] == arch_kwargs["features_per_stage"]
+    assert [s.fam.fuse.select.out_features // 2 for s in net.scrms] == arch_kwargs["features_per_stage"]
     patch = list(cm.patch_size)
     x = torch.randn(2, 1, *patch)
     outputs = net(x)

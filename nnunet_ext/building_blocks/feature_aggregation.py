@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from torch.nn.modules.conv import _ConvNd
 from torch.utils.checkpoint import checkpoint
 
-from nnunet_ext.building_blocks.scconv import ChannelRefinement, SpatialGate
+from nnunet_ext.building_blocks.scconv import ChannelRefinement, LayoutStableGroupNorm, SpatialGate
 
 KernelSize = Union[int, Sequence[int]]
 
@@ -62,9 +62,9 @@ class FeatureInitialize(nn.Module):
     blocks. ``forward`` returns ``(B, blocks * C, ...)``, block ``i`` in channels ``[i C, (i + 1) C)``.
 
     The norm is per-channel instance normalisation with an affine map (``nn.GroupNorm`` with one channel per
-    group, which is ``InstanceNorm`` exactly): ConvMixer uses BatchNorm; we keep nnU-Net's default per-sample
-    norm (its batches are 2-4 patches, and the SCRM recomputation would update BatchNorm's running statistics
-    twice).
+    group, which is ``InstanceNorm`` exactly; as ``LayoutStableGroupNorm``, whose result does not depend on the
+    thread count): ConvMixer uses BatchNorm; we keep nnU-Net's default per-sample norm (its batches are 2-4
+    patches, and the SCRM recomputation would update BatchNorm's running statistics twice).
     """
 
     def __init__(self, conv_op: Type[_ConvNd], in_channels: int, channels: int, kernel_size: KernelSize,
@@ -74,9 +74,9 @@ class FeatureInitialize(nn.Module):
         self.blocks, self.channels = blocks, channels
         self.project = conv_op(in_channels, width, 1)
         self.depthwise = conv_op(width, width, kernel_size, padding=_padding(kernel_size), groups=width)
-        self.norm_depthwise = nn.GroupNorm(width, width, eps)
+        self.norm_depthwise = LayoutStableGroupNorm(width, width, eps)
         self.pointwise = conv_op(width, width, 1, groups=blocks)
-        self.norm_pointwise = nn.GroupNorm(width, width, eps)
+        self.norm_pointwise = LayoutStableGroupNorm(width, width, eps)
 
     def mix(self, p: torch.Tensor) -> torch.Tensor:
         """The ConvMixer blocks on the projected ``p``."""
@@ -203,20 +203,28 @@ class CCAPM(nn.Module):
 
 
 class SKFusion(nn.Module):
-    """SKNet selection of two ``C``-channel maps (Eq. 10-12): per-channel softmax weights across the branches."""
+    """SKNet selection of two ``C``-channel maps (Eq. 10-12): per-channel softmax weights across the branches.
 
-    def __init__(self, conv_op: Type[_ConvNd], channels: int, reduction: int = 16, min_dim: int = 32):
+    The squeeze and select layers (SKNet's 1x1 convs on the pooled vector) are ``nn.Linear`` on ``(B, C)``: the same
+    function, and on the CPU a 1x1 conv of a 1x1 map gives results that depend on the thread count (up to 3e-5
+    apart with 1 and 2 threads) while the matrix product does not, so ``nnUNetv2_predict`` reproduces the final
+    validation of ``nnUNetv2_train`` exactly.
+    """
+
+    def __init__(self, channels: int, reduction: int = 16, min_dim: int = 32):
         super().__init__()
         hidden = max(channels // reduction, min_dim)
-        self.squeeze = nn.Sequential(conv_op(channels, hidden, 1), nn.ReLU(inplace=True))
-        self.select = conv_op(hidden, 2 * channels, 1)
+        self.squeeze = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True))
+        self.select = nn.Linear(hidden, 2 * channels)
 
     def weights(self, y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
         """``(B, 2, C, 1, ...)``: the branch weights, summing to 1 over dim 1 for every channel
-        (``GAP(Y1 + Y2) = GAP(Y1) + GAP(Y2)``, without the sum map)."""
+        (``GAP(Y1 + Y2) = GAP(Y1) + GAP(Y2)``, without the sum map). The means are taken in the standard layout:
+        PyTorch's CPU mean over the spatial axes of a channels-last map sums in an order that depends on the thread
+        count (see ``LayoutStableGroupNorm``)."""
         axes = tuple(range(2, y1.ndim))
-        logits = self.select(self.squeeze(y1.mean(dim=axes, keepdim=True) + y2.mean(dim=axes, keepdim=True)))
-        return torch.softmax(logits.view(y1.shape[0], 2, y1.shape[1], *logits.shape[2:]), dim=1)
+        logits = self.select(self.squeeze(y1.contiguous().mean(dim=axes) + y2.contiguous().mean(dim=axes)))
+        return torch.softmax(logits.view(y1.shape[0], 2, y1.shape[1], *([1] * len(axes))), dim=1)
 
     def forward(self, y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
         a = self.weights(y1, y2)
@@ -237,7 +245,7 @@ class FeatureAggregationModule(nn.Module):
         self.fi_high, self.fi_low = (FeatureInitialize(conv_op, channels, channels, kernel_size, 3, eps)
                                      for _ in range(2))
         self.ccapm_high, self.ccapm_low = (CCAPM(conv_op, channels, heads, window_size) for _ in range(2))
-        self.fuse = SKFusion(conv_op, channels)
+        self.fuse = SKFusion(channels)
 
     def ccapm_inputs(self, high: torch.Tensor, low: torch.Tensor) -> Tuple[Tuple[torch.Tensor, ...], ...]:
         """``((q1, k1, v1), (q2, k2, v2))`` from the outputs of ``fi_high`` and ``fi_low``."""
@@ -298,7 +306,7 @@ class SCRM(nn.Module):
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         """Elements of the conv, norm and attention outputs for an input of spatial size ``input_size``
         (the unit of dynamic-network-architectures' planner estimate)."""
-        c, cr = self.fam.fuse.select.out_channels // 2, self.channel_refinement
+        c, cr = self.fam.fuse.select.out_features // 2, self.channel_refinement
         refinement = cr.squeeze_high.out_channels + cr.squeeze_low.out_channels + 2 * c  # squeezes, GWC + PWC
         initialise = 2 * 5 * 3 * c  # 2 groups of 3 FI blocks: projection, depth-wise, norm, point-wise, norm
         ccapm = 3 * c + c + 3 * c + c  # stacked heads, conv path, attention windows (q, k, v), attention
