@@ -163,7 +163,7 @@ def test_fam_routes_features_into_the_ccapms():
 
 @pytest.mark.parametrize("dim", [2, 3])
 def test_scrm_equals_its_blocks_in_sequence(dim):
-    """The SCRM's fused forward (channels-last, X_L folded into the FI projection) is FAM(CR(SG(x)))."""
+    """The SCRM's fused forward (X_L folded into the FI projection) is FAM(CR(SG(x)))."""
     torch.manual_seed(0)
     scrm = SCRM(CONV[dim], 16, 3, window_size=4)
     x = torch.randn(2, 16, *([8] * dim))

@@ -104,29 +104,3 @@ def test_spatial_gate_halves_are_the_reconstruction():
     torch.testing.assert_close(up, x_w1[:, :4] + x_w2[:, 4:])
     torch.testing.assert_close(low, x_w1[:, 4:] + x_w2[:, :4])
 
-
-@pytest.mark.parametrize("dim", [2, 3])
-def test_layout_stable_group_norm_is_the_same_for_any_thread_count(dim):
-    """The channels-last group norm of the SCRM gives bit-identical results with 1 and 2 threads, equals
-    ``nn.GroupNorm`` on the standard layout and keeps the channels-last layout."""
-    from nnunet_ext.building_blocks.scconv import LayoutStableGroupNorm
-
-    torch.manual_seed(0)
-    layout = torch.channels_last if dim == 2 else torch.channels_last_3d
-    x = torch.randn(2, 64, *([32] * dim)).contiguous(memory_format=layout)
-    norm = LayoutStableGroupNorm(64, 64)
-    with torch.no_grad():
-        norm.weight.normal_()
-        norm.bias.normal_()
-    reference = torch.nn.functional.group_norm(x.contiguous(), 64, norm.weight, norm.bias, norm.eps)
-    threads = torch.get_num_threads()
-    try:
-        outputs = []
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            outputs.append(norm(x))
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(outputs[0], outputs[1])
-    assert torch.equal(outputs[0], reference)
-    assert outputs[0].is_contiguous(memory_format=layout)

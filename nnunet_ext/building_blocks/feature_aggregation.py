@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from torch.nn.modules.conv import _ConvNd
 from torch.utils.checkpoint import checkpoint
 
-from nnunet_ext.building_blocks.scconv import ChannelRefinement, LayoutStableGroupNorm, SpatialGate
+from nnunet_ext.building_blocks.scconv import ChannelRefinement, SpatialGate
 
 KernelSize = Union[int, Sequence[int]]
 
@@ -49,11 +49,6 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding, gr
     return (F.conv2d, F.conv3d)[x.ndim - 4](x, weight, bias, padding=padding, groups=groups)
 
 
-def channels_last(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in channels-last memory order (oneDNN's fast layout for 1x1, depth-wise and grouped convs on the CPU)."""
-    return x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
-
-
 class FeatureInitialize(nn.Module):
     """``blocks`` FI blocks that read the same input, computed together: block ``i`` is a 1x1 conv ``in -> C``
     then a ConvMixer block, ``p + Norm(GELU(DWConv(p)))`` then ``Norm(GELU(PWConv(.)))``. The blocks' 1x1
@@ -62,9 +57,8 @@ class FeatureInitialize(nn.Module):
     blocks. ``forward`` returns ``(B, blocks * C, ...)``, block ``i`` in channels ``[i C, (i + 1) C)``.
 
     The norm is per-channel instance normalisation with an affine map (``nn.GroupNorm`` with one channel per
-    group, which is ``InstanceNorm`` exactly; as ``LayoutStableGroupNorm``, whose result does not depend on the
-    thread count): ConvMixer uses BatchNorm; we keep nnU-Net's default per-sample norm (its batches are 2-4
-    patches, and the SCRM recomputation would update BatchNorm's running statistics twice).
+    group, which is ``InstanceNorm`` exactly): ConvMixer uses BatchNorm; we keep nnU-Net's default per-sample norm
+    (its batches are 2-4 patches, and the SCRM recomputation would update BatchNorm's running statistics twice).
     """
 
     def __init__(self, conv_op: Type[_ConvNd], in_channels: int, channels: int, kernel_size: KernelSize,
@@ -74,9 +68,9 @@ class FeatureInitialize(nn.Module):
         self.blocks, self.channels = blocks, channels
         self.project = conv_op(in_channels, width, 1)
         self.depthwise = conv_op(width, width, kernel_size, padding=_padding(kernel_size), groups=width)
-        self.norm_depthwise = LayoutStableGroupNorm(width, width, eps)
+        self.norm_depthwise = nn.GroupNorm(width, width, eps)
         self.pointwise = conv_op(width, width, 1, groups=blocks)
-        self.norm_pointwise = LayoutStableGroupNorm(width, width, eps)
+        self.norm_pointwise = nn.GroupNorm(width, width, eps)
 
     def mix(self, p: torch.Tensor) -> torch.Tensor:
         """The ConvMixer blocks on the projected ``p``."""
@@ -220,8 +214,8 @@ class SKFusion(nn.Module):
     def weights(self, y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
         """``(B, 2, C, 1, ...)``: the branch weights, summing to 1 over dim 1 for every channel
         (``GAP(Y1 + Y2) = GAP(Y1) + GAP(Y2)``, without the sum map). The means are taken in the standard layout:
-        PyTorch's CPU mean over the spatial axes of a channels-last map sums in an order that depends on the thread
-        count (see ``LayoutStableGroupNorm``)."""
+        the CCAPM outputs have channels-last strides, and PyTorch's CPU mean over the spatial axes of such a map
+        sums in an order that depends on the thread count."""
         axes = tuple(range(2, y1.ndim))
         logits = self.select(self.squeeze(y1.contiguous().mean(dim=axes) + y2.contiguous().mean(dim=axes)))
         return torch.softmax(logits.view(y1.shape[0], 2, y1.shape[1], *([1] * len(axes))), dim=1)
@@ -261,7 +255,10 @@ class FeatureAggregationModule(nn.Module):
 class SCRM(nn.Module):
     """Spatial-Channel Regulation Module: ``FAM(CR(SG(x)))``, ``C`` channels in and out.
 
-    Runs channels-last inside (returns ``x``'s layout). ``X_L`` is never materialised: ``fi_low``'s projection
+    Runs in the standard memory layout: channels-last made its convs faster on the CPU, but its group norms slower
+    and dependent on the thread count (so ``nnUNetv2_predict`` could differ from the final validation); at
+    256x256, batch 4, a training step took 9.4-9.8 s standard against 13.3-13.5 s channels-last with the norms
+    computed in the standard layout. ``X_L`` is never materialised: ``fi_low``'s projection
     reads ``X_C2`` through ``ChannelRefinement.project_low``. ``recompute``: in training, for an input of at
     least ``recompute_min_elements`` elements per sample (``C * pixels``), store only the inputs of the parts
     (Spatial Gate with Channel Refinement, each Feature-Initialize group, each CCAPM, SK fusion) and recompute
@@ -298,7 +295,7 @@ class SCRM(nn.Module):
         fam = self.fam
         self._recomputing = (self.recompute and self.training and torch.is_grad_enabled()
                              and x[0].numel() >= self.recompute_min_elements)
-        x_h, x_c2 = self._run(self._refine, channels_last(x))
+        x_h, x_c2 = self._run(self._refine, x)
         first, second = fam.ccapm_inputs(self._run(fam.fi_high, x_h), self._run(self._initialise_low, x_c2))
         out = self._run(fam.fuse, self._run(fam.ccapm_high, *first), self._run(fam.ccapm_low, *second))
         return out.contiguous(memory_format=torch.contiguous_format) if x.is_contiguous() else out

@@ -27,23 +27,6 @@ from torch.nn import functional as F
 from torch.nn.modules.conv import _ConvNd
 
 
-class LayoutStableGroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` that normalises a channels-last input in the standard layout and returns it channels-last.
-
-    On the CPU, PyTorch's group norm of a channels-last tensor sums in an order that depends on the number of
-    threads (1 vs 2 threads: up to 7e-6 apart on a 64-channel map; the standard layout gives identical results),
-    so the same network would predict differently in ``nnUNetv2_train``'s final validation and in
-    ``nnUNetv2_predict`` when they run with different thread counts. The layout round trip keeps the result
-    independent of the thread count; the SCRM's convolutions stay channels-last.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_contiguous():
-            return super().forward(x)
-        layout = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
-        return super().forward(x.contiguous()).contiguous(memory_format=layout)
-
-
 class SpatialGate(nn.Module):
     """Spatial Gate (SCRNet Eq. 1-3; SCConv SRU).
 
@@ -57,7 +40,7 @@ class SpatialGate(nn.Module):
         super().__init__()
         if channels % 2:
             raise ValueError(f"SpatialGate needs an even channel count (Eq. 3 adds channel halves), got {channels}")
-        self.gn = LayoutStableGroupNorm(gcd(group_num, channels), channels)
+        self.gn = nn.GroupNorm(gcd(group_num, channels), channels)
         self.gate_threshold = gate_threshold
 
     def _gate(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
