@@ -51,6 +51,18 @@ def randomise(module: nn.Module, seed: int) -> nn.Module:
     return module
 
 
+def assert_values_and_gradients_equal(function, reference, inputs):
+    """``function(*inputs)`` equals ``reference(*inputs)`` in value and in the gradient of every input for one random
+    output gradient (double precision, 1e-12); returns ``function``'s output."""
+    ours = function(*inputs)
+    expected = reference(*inputs)
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(expected, inputs, grad), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    return ours
+
+
 @pytest.fixture(params=[pc.CHUNK_ELEMENTS, 50], ids=["one-chunk", "chunks-of-50-elements"])
 def chunk_elements(request, monkeypatch):
     monkeypatch.setattr(pc, "CHUNK_ELEMENTS", request.param)
@@ -62,14 +74,8 @@ def test_squeeze_equals_eq5_and_passes_gradcheck(coarse, fine, chunk_elements):
     torch.manual_seed(0)
     high = torch.randn(2, 5, *coarse, dtype=torch.float64, requires_grad=True)
     low = torch.randn(2, 3, *fine, dtype=torch.float64, requires_grad=True)
-    ours = pc.upsampled_channel_squeeze(high, low)
+    ours = assert_values_and_gradients_equal(pc.upsampled_channel_squeeze, reference_squeeze, (high, low))
     assert ours.shape == (2, 1, *fine)
-    torch.testing.assert_close(ours, reference_squeeze(high, low), rtol=1e-12, atol=1e-12)
-    grad = torch.randn_like(ours)
-    ours_grads = torch.autograd.grad(ours, (high, low), grad)
-    reference_grads = torch.autograd.grad(reference_squeeze(high, low), (high, low), grad)
-    for a, b in zip(ours_grads, reference_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_squeeze_maximum_by_hand():
@@ -86,15 +92,8 @@ def test_attention_resample_equals_the_product_and_passes_gradcheck(coarse, fine
     torch.manual_seed(1)
     attention = torch.rand(2, 1, *fine, dtype=torch.float64, requires_grad=True)
     coarse_feature = torch.randn(2, 4, *coarse, dtype=torch.float64, requires_grad=True)
-    ours = pc.attention_resample(attention, coarse_feature)
+    ours = assert_values_and_gradients_equal(pc.attention_resample, reference_resample, (attention, coarse_feature))
     assert ours.shape == coarse_feature.shape
-    torch.testing.assert_close(ours, reference_resample(attention, coarse_feature), rtol=1e-12, atol=1e-12)
-    grad = torch.randn_like(ours)
-    ours_grads = torch.autograd.grad(ours, (attention, coarse_feature), grad)
-    reference_grads = torch.autograd.grad(reference_resample(attention, coarse_feature), (attention, coarse_feature),
-                                          grad)
-    for a, b in zip(ours_grads, reference_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("coarse,fine", [SIZES[1], SIZES[3]], ids=["2d", "3d"])

@@ -67,7 +67,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from nnunet_ext.building_blocks.deform_conv import deform_conv_output_size
+from nnunet_ext.building_blocks.deform_conv import _ntuple, deform_conv_output_size
 
 try:
     import triton
@@ -417,15 +417,6 @@ def block_sizes(cg_out: int, seg: int) -> Tuple[int, int, int]:
     (``tl.dot`` needs every side >= 16; untuned: chosen so that no kernel spills registers, see the module doc)."""
     pow2 = triton.next_power_of_2
     return BLOCK_M, min(64, max(16, pow2(cg_out))), min(MAX_BLOCK_K, max(16, pow2(seg)))
-
-
-def _ntuple(v: IntOrSeq, n: int, name: str) -> Tuple[int, ...]:
-    if isinstance(v, int):
-        return (v,) * n
-    v = tuple(int(i) for i in v)
-    if len(v) != n:
-        raise ValueError(f"{name} must be an int or have {n} entries, got {v}")
-    return v
 
 
 def launch_flags(dtype: torch.dtype) -> dict:
