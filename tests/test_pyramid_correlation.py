@@ -12,6 +12,8 @@ from nnunet_ext.building_blocks import pyramid_correlation as pc
 LINEAR = {2: "bilinear", 3: "trilinear"}
 # (coarse size, fine size): nnU-Net's factor 2, an axis kept (stride 1), and non-integer ratios
 SIZES = [((3, 5), (6, 10)), ((3, 4), (7, 9)), ((2, 2, 3), (4, 4, 6)), ((2, 2, 3), (2, 4, 5))]
+# the attention resampling needs integer ratios (nnU-Net's strides): factor 2, an axis kept, factor 3
+INTEGER_SIZES = [((3, 5), (6, 10)), ((2, 3), (6, 3)), ((2, 2, 3), (4, 4, 6)), ((2, 3, 2), (2, 6, 6))]
 
 
 def reference_squeeze(high, low):
@@ -87,24 +89,28 @@ def test_squeeze_maximum_by_hand():
     torch.testing.assert_close(pc.upsampled_channel_squeeze(high, low), expected)
 
 
-@pytest.mark.parametrize("coarse,fine", SIZES)
-def test_attention_resample_equals_the_product_and_passes_gradcheck(coarse, fine, chunk_elements):
+@pytest.mark.parametrize("coarse,fine", INTEGER_SIZES)
+def test_attention_resample_equals_the_product_and_passes_gradcheck(coarse, fine):
     torch.manual_seed(1)
     attention = torch.rand(2, 1, *fine, dtype=torch.float64, requires_grad=True)
     coarse_feature = torch.randn(2, 4, *coarse, dtype=torch.float64, requires_grad=True)
     ours = assert_values_and_gradients_equal(pc.attention_resample, reference_resample, (attention, coarse_feature))
     assert ours.shape == coarse_feature.shape
+    assert gradcheck(pc.attention_resample, (attention, coarse_feature), fast_mode=True)
+
+
+def test_attention_resample_refuses_a_non_integer_ratio():
+    with pytest.raises(ValueError, match="integer multiple"):
+        pc.attention_resample(torch.rand(1, 1, 7, 9), torch.randn(1, 2, 3, 4))
 
 
 @pytest.mark.parametrize("coarse,fine", [SIZES[1], SIZES[3]], ids=["2d", "3d"])
-def test_functions_pass_gradcheck_in_chunks(coarse, fine, monkeypatch):
+def test_squeeze_passes_gradcheck_in_chunks(coarse, fine, monkeypatch):
     monkeypatch.setattr(pc, "CHUNK_ELEMENTS", 50)  # one channel per chunk
     torch.manual_seed(4)
     high = torch.randn(2, 3, *coarse, dtype=torch.float64, requires_grad=True)
     low = torch.randn(2, 2, *fine, dtype=torch.float64, requires_grad=True)
-    attention = torch.rand(2, 1, *fine, dtype=torch.float64, requires_grad=True)
     assert gradcheck(pc.upsampled_channel_squeeze, (high, low), fast_mode=True)
-    assert gradcheck(pc.attention_resample, (attention, high), fast_mode=True)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 6), (2, 3, 3, 4, 5)])
