@@ -113,6 +113,27 @@ def test_squeeze_passes_gradcheck_in_chunks(coarse, fine, monkeypatch):
     assert gradcheck(pc.upsampled_channel_squeeze, (high, low), fast_mode=True)
 
 
+@pytest.mark.parametrize("kernel", [(3, 3, 3), (1, 3, 3), (3, 3), (5, 3)])
+def test_one_channel_convolutions_equal_the_convolution(kernel):
+    """f_spa's first (1 -> C) and last (C -> 1) layers: im2col + matrix product and matrix product + shifted sum
+    against the convolution module itself, values and gradients of input, weight and bias (double)."""
+    conv_op = nn.Conv2d if len(kernel) == 2 else nn.Conv3d
+    padding = [(k - 1) // 2 for k in kernel]
+    torch.manual_seed(6)
+    size = (5, 6, 7)[:len(kernel)]
+    for function, conv, channels in ((pc.conv_from_one_channel, conv_op(1, 4, kernel, padding=padding), 1),
+                                     (pc.conv_to_one_channel, conv_op(4, 1, kernel, padding=padding), 4)):
+        conv = randomise(conv, 7).double()
+        x = torch.randn(2, channels, *size, dtype=torch.float64, requires_grad=True)
+        ours, expected = function(x, conv), conv(x)
+        torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+        grad = torch.randn_like(ours)
+        leaves = (x, conv.weight, conv.bias)
+        for a, b in zip(torch.autograd.grad(ours, leaves, grad), torch.autograd.grad(expected, leaves, grad),
+                        strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 5, 6), (2, 3, 3, 4, 5)])
 def test_spatial_avg_max_by_value_and_gradcheck(shape):
     torch.manual_seed(2)

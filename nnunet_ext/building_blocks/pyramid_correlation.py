@@ -285,12 +285,90 @@ def spatial_avg_max(x: torch.Tensor) -> torch.Tensor:
     return _SpatialAvgMax.apply(x)
 
 
+def _stack_taps(x: torch.Tensor, kernel: Sequence[int]) -> torch.Tensor:
+    """im2col of a one-channel map ``(B, 1, *S)``: ``(B, K, *S)`` with ``out_t(v) = x(v + t - pad)`` for each of the
+    ``K = prod(kernel)`` kernel taps ``t`` (row-major), zero outside (the padding ``(k - 1) // 2`` of an odd kernel)."""
+    pads = [(k - 1) // 2 for k in kernel]
+    windows = F.pad(x, [p for p in reversed(pads) for _ in range(2)])
+    for axis, k in enumerate(kernel):
+        windows = windows.unfold(2 + axis, k, 1)  # (B, 1, *S, *kernel) view
+    dim = len(kernel)
+    windows = windows.squeeze(1).movedim(tuple(range(-dim, 0)), tuple(range(1, dim + 1)))
+    return windows.reshape(x.shape[0], -1, *x.shape[2:])
+
+
+def _sum_taps(z: torch.Tensor, kernel: Sequence[int]) -> torch.Tensor:
+    """Adjoint of ``_stack_taps``: ``(B, K, *S) -> (B, 1, *S)``, ``out(u) = sum_t z_t(u - t + pad)``, as ``K``
+    shifted additions of one-channel maps into a padded buffer."""
+    pads = [(k - 1) // 2 for k in kernel]
+    size = z.shape[2:]
+    full = z.new_zeros(z.shape[0], *(n + 2 * p for n, p in zip(size, pads)))
+    for t, tap in enumerate(itertools.product(*(range(k) for k in kernel))):
+        full[(slice(None),) + tuple(slice(a, a + n) for a, n in zip(tap, size))] += z[:, t]
+    return full[(slice(None),) + tuple(slice(p, p + n) for p, n in zip(pads, size))].unsqueeze(1)
+
+
+class _StackTaps(torch.autograd.Function):
+    """``_stack_taps`` with ``_sum_taps`` as its backward (nothing saved)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kernel: Tuple[int, ...]) -> torch.Tensor:
+        ctx.kernel = kernel
+        return _stack_taps(x, kernel)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _sum_taps(grad, ctx.kernel), None
+
+
+class _SumTaps(torch.autograd.Function):
+    """``_sum_taps`` with ``_stack_taps`` as its backward (nothing saved)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, kernel: Tuple[int, ...]) -> torch.Tensor:
+        ctx.kernel = kernel
+        return _sum_taps(z, kernel)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _stack_taps(grad.contiguous(), ctx.kernel), None
+
+
+def conv_from_one_channel(x: torch.Tensor, conv: _ConvNd) -> torch.Tensor:
+    """``conv(x)`` for a one-channel ``x`` and a stride-1, 'same'-padded ``conv`` with bias (``f_spa``'s first
+    layer), as the matrix product of the ``C x K`` weight with the ``K``-tap im2col of ``x`` (``torch.baddbmm``).
+
+    The same function as the convolution; measured on the CPU (fwd + bwd, 2 threads, 1 -> 32 channels, 3x3x3,
+    2 x 32x64x64): 0.08 s against 0.13 s for ``conv3d``, whose oneDNN kernel is slow with one input channel."""
+    kernel = tuple(conv.weight.shape[2:])
+    columns = _StackTaps.apply(x, kernel).flatten(2)
+    batch = x.shape[0]
+    out = torch.baddbmm(conv.bias.view(1, -1, 1).expand(batch, -1, columns.shape[2]),
+                        conv.weight.flatten(1).expand(batch, -1, -1), columns)
+    return out.view(batch, -1, *x.shape[2:])
+
+
+def conv_to_one_channel(x: torch.Tensor, conv: _ConvNd) -> torch.Tensor:
+    """``conv(x)`` for a stride-1, 'same'-padded ``conv`` with one output channel and bias (``f_spa``'s last layer):
+    ``z = W' x``, a ``K x C`` matrix product per voxel (``W'`` the weight with its kernel axes flipped), then the
+    ``K`` one-channel maps ``z_t`` shifted and summed (``_sum_taps``: ``out(v) = sum_t W_t x(v + t - pad)``).
+
+    The same function as the convolution; measured on the CPU (fwd + bwd, 2 threads, 32 -> 1 channels, 3x3x3,
+    2 x 32x64x64): 0.06 s against 0.21 s for ``conv3d``, whose oneDNN kernel is slow with one output channel."""
+    kernel = tuple(conv.weight.shape[2:])
+    dim = len(kernel)
+    flipped = conv.weight[0].flip(tuple(range(1, dim + 1))).flatten(1).t()  # (K, C)
+    z = torch.bmm(flipped.expand(x.shape[0], -1, -1), x.flatten(2)).view(x.shape[0], -1, *x.shape[2:])
+    return _SumTaps.apply(z, kernel) + conv.bias.view(1, 1, *[1] * dim)
+
+
 class SpatialCorrelation(nn.Module):
     """SpaCor (paper Sec. III.D): refines the high-level feature ``F_i`` with a spatial attention
     map derived jointly from ``F_i`` and the low-level feature ``F_{i-1}``.
 
     - ``T = Avg_c([F_i^up, F_{i-1}]) + Max_c([F_i^up, F_{i-1}])``  (Eq. 5, channel squeeze)
-    - ``A = f_spa(T)``, a 3-layer conv net conv-LeakyReLU-conv-LeakyReLU-conv (Eq. 4, 5)
+    - ``A = f_spa(T)``, a 3-layer conv net conv-LeakyReLU-conv-LeakyReLU-conv (Eq. 4, 5); its one-channel input
+      and output layers run as ``conv_from_one_channel`` / ``conv_to_one_channel`` (same function)
     - ``F_i^spa = sigmoid(A) * g_spa(F_i^up)``, ``g_spa`` a 1x1 conv (Eq. 6), then resampled back
       to ``F_i``'s size.
     """
@@ -313,7 +391,9 @@ class SpatialCorrelation(nn.Module):
 
     def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         """``high`` = F_i (coarser), ``low`` = F_{i-1} (finer); returns F_i^spa at F_i's size."""
-        attention = torch.sigmoid(self.f_spa(upsampled_channel_squeeze(high, low)))
+        first, nonlin_1, middle, nonlin_2, last = self.f_spa
+        hidden = nonlin_2(middle(nonlin_1(conv_from_one_channel(upsampled_channel_squeeze(high, low), first))))
+        attention = torch.sigmoid(conv_to_one_channel(hidden, last))
         return attention_resample(attention, self.g_spa(high))  # g_spa(up(F_i)) = up(g_spa(F_i))
 
 
