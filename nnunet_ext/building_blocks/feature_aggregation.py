@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from torch.nn.modules.conv import _ConvNd
 from torch.utils.checkpoint import checkpoint
 
-from nnunet_ext.building_blocks.scconv import ChannelRefinement, SpatialGate
+from nnunet_ext.building_blocks.scconv import ChannelRefinement, SpatialGate, pointwise_conv
 
 KernelSize = Union[int, Sequence[int]]
 
@@ -75,10 +75,10 @@ class FeatureInitialize(nn.Module):
     def mix(self, p: torch.Tensor) -> torch.Tensor:
         """The ConvMixer blocks on the projected ``p``."""
         p = p + self.norm_depthwise(F.gelu(self.depthwise(p)))
-        return self.norm_pointwise(F.gelu(self.pointwise(p)))
+        return self.norm_pointwise(F.gelu(pointwise_conv(p, self.pointwise.weight, self.pointwise.bias, self.blocks)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mix(self.project(x))
+        return self.mix(pointwise_conv(x, self.project.weight, self.project.bias))
 
 
 def shift_kernels(dim: int, kernel_size: int) -> torch.Tensor:
