@@ -6,7 +6,7 @@ from torch import nn
 
 from torch.nn import functional as F
 
-from nnunet_ext.building_blocks.scconv import ChannelRefinement, SpatialGate, pointwise_conv
+from nnunet_ext.building_blocks.scconv import FOLD_MAX_CHANNELS, ChannelRefinement, SpatialGate, pointwise_conv
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -127,4 +127,43 @@ def test_pointwise_conv_is_the_1x1_convolution_in_value_and_gradient(dim, channe
     assert y.shape == y_ref.shape and y.is_contiguous()
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dim, channels, kernel", [(2, 32, 3), (2, 80, 3), (3, 16, [1, 3, 3]), (3, 72, 3)])
+def test_high_branch_equals_gwc_plus_pwc_in_value_and_gradient(dim, channels, kernel):
+    """Eq. 4, ``X_H = GWC(X_C1) + PWC(X_C1)``, against the two literal convs in float64, with the parameters'
+    gradients: up to ``FOLD_MAX_CHANNELS`` squeezed channels (8, 4) as one folded dense conv, above (20, 18) as
+    two convs."""
+    torch.manual_seed(0)
+    cr = ChannelRefinement(CONV[dim], channels, kernel).double()
+    assert (cr.squeeze_high.out_channels <= FOLD_MAX_CHANNELS) == (channels < 64)
+    x = torch.randn(2, channels, *([5] * dim), dtype=torch.float64)
+    grad = torch.randn(2, channels, *([5] * dim), dtype=torch.float64)
+    params = [cr.squeeze_high.weight, cr.gwc.weight, cr.gwc.bias, cr.pwc_high.weight]
+    x_h = cr.high_and_squeezed_low(x[:, :channels // 2], x[:, channels // 2:])[0]
+    x_c1 = cr.squeeze_high(x[:, :channels // 2])
+    expected = cr.gwc(x_c1) + cr.pwc_high(x_c1)
+    torch.testing.assert_close(x_h, expected, rtol=1e-12, atol=1e-12)
+    for g, g_ref in zip(torch.autograd.grad(x_h, params, grad), torch.autograd.grad(expected, params, grad)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_spatial_gate_equals_eq1_with_the_group_norm_module_in_value_and_gradient(dim):
+    """Eq. 1 literally, ``sigmoid(GN(X) * gamma / sum(gamma))`` with the ``nn.GroupNorm`` module, against the gate's
+    folded affine map, in float64 (values away from the threshold, so the masks agree)."""
+    torch.manual_seed(0)
+    gate = SpatialGate(8).double()
+    with torch.no_grad():
+        gate.gn.weight.uniform_(0.5, 1.5)
+        gate.gn.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 8, *([4] * dim), dtype=torch.float64, requires_grad=True)
+    grad = torch.randn_like(x)
+    w = gate._gate(x)[0]
+    w_gamma = (gate.gn.weight / gate.gn.weight.sum()).view(1, -1, *([1] * dim))
+    expected = torch.sigmoid(gate.gn(x) * w_gamma)
+    torch.testing.assert_close(w, expected, rtol=1e-12, atol=1e-12)
+    inputs = [x, gate.gn.weight, gate.gn.bias]
+    for g, g_ref in zip(torch.autograd.grad(w, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
         torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
