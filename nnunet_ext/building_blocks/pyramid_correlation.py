@@ -20,8 +20,12 @@ Computation (the same functions as the equations, evaluated in a cheaper order; 
 checks values and gradients against a literal implementation of the equations):
 
 - SpaCor's squeeze (Eq. 5) never concatenates ``[up(F_i), F_{i-1}]``: the channel sum commutes with the
-  linear upsampling, and the channel maximum of ``up(F_i)`` is taken chunk by chunk and keeps only the
-  argmax channel for backward (``upsampled_channel_squeeze``).
+  linear upsampling, and the channel maximum of ``up(F_i)`` is taken chunk by chunk (channels-last) and keeps only
+  the argmax channel for backward (``upsampled_channel_squeeze``).
+- ``f_spa``'s one-channel input and output layers are matrix products with an im2col of the one-channel map and
+  a shifted sum of one-channel maps (``conv_from_one_channel``, ``conv_to_one_channel``), and the 1x1 convolutions
+  (``g_spa``, the heads) plain matrix products (``pointwise_conv``): oneDNN's ``conv3d`` is several times slower
+  on the CPU for these shapes (numbers in the docstrings).
 - ``g_spa`` (a 1x1 conv: linear per voxel, bias included since interpolation weights sum to 1) commutes
   with the upsampling, so it runs at ``F_i``'s resolution: ``g_spa(up(F_i)) = up(g_spa(F_i))``.
 - ``area(sigmoid(A) * up(G))`` is one autograd Function (``attention_resample``) that never upsamples ``G``: with
