@@ -89,6 +89,25 @@ def test_squeeze_maximum_by_hand():
     torch.testing.assert_close(pc.upsampled_channel_squeeze(high, low), expected)
 
 
+@pytest.mark.parametrize("chunk_elements", [pc.CHUNK_ELEMENTS, 1], ids=["one-chunk", "one-channel-chunks"])
+def test_squeeze_maximum_tie_goes_to_the_first_channel(chunk_elements, monkeypatch):
+    """Two equal channels of F_i tie for the maximum everywhere: as ``torch.max`` of the concatenation, the maximum's
+    gradient goes to the first one only, also when the channels are in different chunks."""
+    monkeypatch.setattr(pc, "CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(5)
+    channel = torch.randn(1, 1, 2, 3, 4, dtype=torch.float64)
+    high = channel.repeat(1, 2, 1, 1, 1).requires_grad_()
+    low = torch.full((1, 3, 4, 6, 8), -100.0, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(1, 1, 4, 6, 8, dtype=torch.float64)
+    grad_high, = torch.autograd.grad(pc.upsampled_channel_squeeze(high, low), high, grad)
+    probe = channel.clone().requires_grad_()
+    up = F.interpolate(probe, size=(4, 6, 8), mode="trilinear", align_corners=False)
+    mean_part, = torch.autograd.grad(up, probe, grad / 5)
+    max_part, = torch.autograd.grad(up, probe, grad)
+    torch.testing.assert_close(grad_high[:, 1:], mean_part, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_high[:, :1], mean_part + max_part, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("coarse,fine", INTEGER_SIZES)
 def test_attention_resample_equals_the_product_and_passes_gradcheck(coarse, fine):
     torch.manual_seed(1)
