@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from scipy.ndimage import uniform_filter
 from torch import nn
 
-from nnunet_ext.building_blocks.lcn_spa import (LCN_MODES, EnhancedDeformConvBlock, GatedLCN, SpatialPyramidAttention,
-                                                local_contrast_normalization)
+from nnunet_ext.building_blocks.lcn_spa import (LCN_MODES, EnhancedDeformConvBlock, GatedLCN, PointwiseConv2d,
+                                                PointwiseConv3d, SpatialPyramidAttention, local_contrast_normalization)
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 EPS = 1e-3
@@ -48,6 +48,59 @@ def test_lcn_equals_eq2_by_hand_single_and_multi_scale():
     out = local_contrast_normalization(flat, (3,), EPS)
     out.sum().backward()
     assert torch.all(out == 0) and torch.isfinite(flat.grad).all()
+
+
+def lcn_autograd_reference(x: torch.Tensor, windows, eps: float = EPS) -> torch.Tensor:
+    """Eq. 2 written literally with autograd: box means by ``avg_pool`` (positions outside the map not counted)."""
+    pool = F.avg_pool2d if x.dim() == 4 else F.avg_pool3d
+    out = 0
+    for w in windows:
+        mean = pool(x, w, 1, w // 2, count_include_pad=False)
+        mean_sq = pool(x * x, w, 1, w // 2, count_include_pad=False)
+        out = out + (x - mean) / torch.sqrt((mean_sq - mean * mean).clamp_min(0) + eps ** 2)
+    return out / len(windows)
+
+
+@pytest.mark.parametrize("shape,windows", [((2, 3, 20, 17), (7, 15)), ((2, 3, 20, 17), (1, 5)),
+                                           ((1, 2, 9, 11, 10), (3, 7)), ((1, 4, 40, 36), (15,))])
+def test_lcn_value_and_gradient_equal_the_autograd_definition(shape, windows):
+    """The hand-written backward of the LCN (separable box-mean matrices) against autograd through Eq. 2, in fp64;
+    the ReLU'd input has flat zero regions (clamped variance)."""
+    torch.manual_seed(0)
+    for x in (torch.randn(shape, dtype=torch.float64), torch.relu(torch.randn(shape, dtype=torch.float64) - 0.5)):
+        x.requires_grad_(True)
+        upstream = torch.randn(shape, dtype=torch.float64)
+        out = local_contrast_normalization(x, windows, EPS)
+        expected = lcn_autograd_reference(x, windows)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+        grad, = torch.autograd.grad(out, x, upstream)
+        expected_grad, = torch.autograd.grad(expected, x, upstream)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-8)
+    small = torch.randn(1, 2, 6, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: local_contrast_normalization(v, (3, 5), 0.1), (small,))
+    # fp32 input is computed in fp32 and stays fp32
+    x32 = torch.randn(shape)
+    assert local_contrast_normalization(x32, windows).dtype == torch.float32
+    torch.testing.assert_close(local_contrast_normalization(x32, windows),
+                               lcn_autograd_reference(x32.double(), windows).float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_pointwise_conv_equals_the_1x1_convolution(dim):
+    torch.manual_seed(0)
+    pointwise = {2: PointwiseConv2d, 3: PointwiseConv3d}[dim](6, 5).double()
+    conv = CONV[dim](6, 5, 1).double()
+    conv.load_state_dict(pointwise.state_dict())
+    x = torch.randn(3, 6, *([7] * dim), dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(3, 5, *([7] * dim), dtype=torch.float64)
+    out, expected = pointwise(x), conv(x)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(out, (x, pointwise.weight, pointwise.bias), upstream)
+    expected_grads = torch.autograd.grad(expected, (x, conv.weight, conv.bias), upstream)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    no_bias = {2: PointwiseConv2d, 3: PointwiseConv3d}[dim](6, 5, bias=False).double()
+    torch.testing.assert_close(no_bias(x), F.conv2d(x, no_bias.weight) if dim == 2 else F.conv3d(x, no_bias.weight))
 
 
 def test_gated_lcn_equals_eq3_on_hand_built_input():

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import mobilenet_v3_small
 
-from nnunet_ext.building_blocks.lcn_spa import DCN_BACKENDS, LCN_MODES, EnhancedDeformConvBlock
+from nnunet_ext.building_blocks.lcn_spa import DCN_BACKENDS, LCN_MODES, EnhancedDeformConvBlock, PointwiseConv2d
 
 __all__ = ["SPADCNNet", "build_spa_dcn_net_from_plans", "create_spa_dcn_net", "ENCODER_FEATURES",
            "OUTPUT_STRIDES", "TOTAL_STRIDE", "PLANNER_COMMAND", "ENCODER_NORM"]
@@ -112,7 +112,7 @@ class SPADCNNet(nn.Module):
                                                   dcn_backend=dcn_backend))
             below = out
         self.decoder_stages = nn.ModuleList(stages)
-        self.heads = nn.ModuleList(nn.Conv2d(c, num_classes, 1) for c in self.decoder_channels)
+        self.heads = nn.ModuleList(PointwiseConv2d(c, num_classes) for c in self.decoder_channels)
 
     def encode(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
         """Skips (strides 2, 4, 8, 16) and the stride-32 bottleneck."""
