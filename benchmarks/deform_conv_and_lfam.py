@@ -5,8 +5,8 @@
 
 (a) One DCNv2 layer, forward + backward, B=1, C=16->16, k=3, random offsets (N(0, 0.5)) and mask (U(0, 1)) given as
     leaf tensors that require grad: 3D 32^3 against ``conv3d``, 2D 128^2 against ``conv2d``. Backends: the autograd
-    reference (``deform_conv_reference``), the lean Function (``generic``, what ``'auto'`` picks on the CPU; in 3D
-    also with all kernel points in one chunk), torchvision (2D) and Triton (CUDA only). Times are medians of
+    reference (``deform_conv_reference``), the lean PyTorch Function (``generic``), the compiled CPU kernel
+    (``cpp``, what ``'auto'`` picks on the CPU), torchvision (2D) and Triton (CUDA only). Times are medians of
     interleaved rounds in one process (every case once
     per round), wall and process CPU time; peak tensor memory of one call is measured in a fresh process per case;
     "saved" = bytes autograd keeps for backward (``torch.autograd.graph.saved_tensors_hooks``), "x in" = saved / the
@@ -35,7 +35,7 @@ from benchmarks.readme_results import add_write_readme_argument, write_results
 from nnunet_ext.evaluation.measure import (count_parameters, fmt_bytes, make_inference_step, make_train_step,
                                            median_wall_and_cpu_time, peak_memory, run_in_fresh_process)
 
-OP_CASES = {3: ["conv", "reference", "generic", "generic_all"], 2: ["conv", "reference", "generic", "torchvision"]}
+OP_CASES = {3: ["conv", "reference", "generic", "cpp"], 2: ["conv", "reference", "generic", "cpp", "torchvision"]}
 UNET_KINDS = {"plain": "plan's U-Net", "lfam": "LFAM, all skips (default: full predictor)",
               "lfam_sep": "LFAM, all skips, separable predictor"}
 PATCH = (32, 64, 64)
@@ -63,9 +63,8 @@ def _op_setup(dim: int, backend: str, device: str):
             from torchvision.ops import deform_conv2d as fn
         elif backend == "triton":
             from nnunet_ext.building_blocks.deform_conv_triton import deform_conv_triton as fn
-        elif backend == "generic_all":  # the lean Function with all kernel points in one chunk
-            def fn(*args, mask):
-                return deform_conv_nd(*args, mask=mask, kernel_chunk=K)
+        elif backend == "cpp":
+            from nnunet_ext.building_blocks.deform_conv_cpu import deform_conv_cpu as fn
         else:
             fn = deform_conv_reference if backend == "reference" else deform_conv_nd
 
@@ -124,8 +123,8 @@ def layer_table(device: str, repeats: int) -> str:
         (w, p), m = times[(d, b)], mems[(d, b)]
         (w0, p0), m0 = times[(d, "conv")], mems[(d, "conv")]
         shape = "3D 16->16, 32^3" if d == 3 else "2D 16->16, 128^2"
-        name = {"conv": f"dense conv{d}d", "generic": "generic (lean Function; auto on CPU)",
-                "generic_all": "generic, all 27 kernel points in one chunk"}.get(b, b)
+        name = {"conv": f"dense conv{d}d", "generic": "generic (lean PyTorch Function)",
+                "cpp": "cpp (compiled CPU kernel; auto on CPU)"}.get(b, b)
         lines.append(f"| {shape} | {name} | {w * 1e3:.0f} | {w / w0:.2f} | {p * 1e3:.0f} | {p / p0:.2f} | "
                      f"{fmt_bytes(m['mem'])} | {m['mem'] / m0['mem']:.2f} | {fmt_bytes(m['saved'])} | "
                      f"{m['saved'] / m['inputs']:.2f} |")

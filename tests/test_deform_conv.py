@@ -8,6 +8,11 @@ import torchvision
 
 from nnunet_ext.building_blocks.deform_conv import (DeformConv, ModulatedDeformConvBlock, deform_conv_nd,
                                                     deform_conv_reference, resolve_backend)
+from nnunet_ext.building_blocks.deform_conv_cpu import deform_conv_cpu
+
+# the two implementations that keep only their inputs for backward: the pure-PyTorch lean Function ("generic") and
+# the compiled CPU kernel ("cpp"); both are compared against the autograd reference and the dense conv
+LEAN = {"generic": deform_conv_nd, "cpp": deform_conv_cpu}
 
 CONV = {2: F.conv2d, 3: F.conv3d}
 
@@ -41,8 +46,9 @@ def _out_size(in_size, k, s, p, d):
                  for i, kk, ss, pp, dd in zip(in_size, t(k), t(s), t(p), t(d)))
 
 
+@pytest.mark.parametrize("lean", LEAN)
 @pytest.mark.parametrize("dim,case", [(d, c) for d in (2, 3) for c in CASES[d]])
-def test_zero_offset_unit_mask_equals_dense_conv(dim, case):
+def test_zero_offset_unit_mask_equals_dense_conv(dim, case, lean):
     in_size, k, s, p, d, g = case
     torch.manual_seed(0)
     x = torch.randn(2, 4, *in_size, dtype=torch.float64)
@@ -53,17 +59,17 @@ def test_zero_offset_unit_mask_equals_dense_conv(dim, case):
     off = torch.zeros(2, dim * K, *out_size, dtype=torch.float64)
     mask = torch.ones(2, K, *out_size, dtype=torch.float64)
     ref = CONV[dim](x, w, b, s, p, d, g)
-    for fn in (deform_conv_nd, deform_conv_reference):  # lean Function and autograd reference
+    for fn in (LEAN[lean], deform_conv_reference):  # lean implementation and autograd reference
         out = fn(x, off, w, b, s, p, d, mask)
         assert out.shape == ref.shape
         torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
         # mask=None means unit modulation (DCNv1); fp32 path
         out32 = fn(x.float(), off.float(), w.float(), b.float(), s, p, d, None)
         torch.testing.assert_close(out32, ref.float(), atol=1e-4, rtol=1e-4)
-    # the lean Function's input and weight gradients equal the dense conv's (offsets 0, mask 1)
+    # the lean implementation's input and weight gradients equal the dense conv's (offsets 0, mask 1)
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
     gout = torch.randn(ref.shape, dtype=torch.float64)
-    g_lean = torch.autograd.grad((deform_conv_nd(xr, off, wr, b, s, p, d, mask) * gout).sum(), [xr, wr])
+    g_lean = torch.autograd.grad((LEAN[lean](xr, off, wr, b, s, p, d, mask) * gout).sum(), [xr, wr])
     g_conv = torch.autograd.grad((CONV[dim](xr, wr, b, s, p, d, g) * gout).sum(), [xr, wr])
     for u, v in zip(g_lean, g_conv):
         torch.testing.assert_close(u, v, atol=1e-10, rtol=1e-10)
@@ -270,12 +276,13 @@ def test_block_with_guide_tensor(dim):
 def test_deform_conv_module_backends_agree_2d():
     torch.manual_seed(9)
     tv = DeformConv(4, 6, 3, dim=2, padding=1, groups=2, backend="torchvision")
-    gen = DeformConv(4, 6, 3, dim=2, padding=1, groups=2, backend="generic")
-    gen.load_state_dict(tv.state_dict())
     x = torch.randn(2, 4, 6, 7)
     off = torch.randn(2, 2 * 2 * 9, 6, 7)  # 2 offset groups
     mask = torch.rand(2, 2 * 9, 6, 7)
-    torch.testing.assert_close(gen(x, off, mask), tv(x, off, mask), atol=1e-5, rtol=1e-5)
+    for backend in ("generic", "cpp", "auto"):
+        other = DeformConv(4, 6, 3, dim=2, padding=1, groups=2, backend=backend)
+        other.load_state_dict(tv.state_dict())
+        torch.testing.assert_close(other(x, off, mask), tv(x, off, mask), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="2D"):
         DeformConv(4, 6, 3, dim=3, backend="torchvision")
     with pytest.raises(ValueError, match="unknown backend"):
@@ -283,10 +290,12 @@ def test_deform_conv_module_backends_agree_2d():
 
 
 def test_auto_backend_choice():
-    """CPU: the lean PyTorch path in 2D and 3D (measured faster than torchvision's CPU kernels); the Triton kernels
-    are never picked on the CPU unless forced (and then refused without the interpreter)."""
-    assert resolve_backend("auto", 2, "cpu") == "generic"
-    assert resolve_backend("auto", 3, "cpu") == "generic"
+    """CPU: the compiled CPU kernel in 2D and 3D (measured faster than the lean PyTorch path and torchvision's CPU
+    kernels; it builds on this machine and in CI); the Triton kernels are never picked on the CPU unless forced (and
+    then refused without the interpreter)."""
+    assert resolve_backend("auto", 2, "cpu") == "cpp"
+    assert resolve_backend("auto", 3, "cpu") == "cpp"
+    assert resolve_backend("generic", 3, "cpu") == "generic"
     assert resolve_backend("torchvision", 2, "cpu") == "torchvision"
     import importlib.util
     import os
@@ -308,10 +317,11 @@ LEAN_CASES = [
 
 
 @pytest.mark.parametrize("case", LEAN_CASES)
-@pytest.mark.parametrize("kernel_chunk", [None, 2])
-def test_lean_function_matches_reference_values_and_gradients(case, kernel_chunk):
-    """Random fractional offsets and masks: the lean Function (any chunking, uneven last chunk) equals the autograd
-    reference in the output and in the gradients of input, offsets, mask, weight and bias."""
+@pytest.mark.parametrize("lean", ["generic", "generic, kernel_chunk=2", "cpp", "cpp, 1 KiB chunks"])
+def test_lean_function_matches_reference_values_and_gradients(case, lean, monkeypatch):
+    """Random fractional offsets and masks: the lean Function (any chunking, uneven last chunk) and the compiled CPU
+    kernel (default chunks and chunks of a few output voxels) equal the autograd reference in the output and in the
+    gradients of input, offsets, mask, weight and bias."""
     dim, in_size, k, s, p, d, g, og, with_mask = case
     gen = torch.Generator().manual_seed(12)
     x = torch.randn(2, 4, *in_size, dtype=torch.float64, generator=gen)
@@ -323,7 +333,10 @@ def test_lean_function_matches_reference_values_and_gradients(case, kernel_chunk
     mask = torch.rand(2, og * K, *out_size, dtype=torch.float64, generator=gen) if with_mask else None
     leaves = [t for t in (x, off, w, b, mask) if t is not None]
     results = []
-    for fn in (lambda *a: deform_conv_nd(*a, kernel_chunk=kernel_chunk), deform_conv_reference):
+    if lean.endswith("KiB chunks"):
+        monkeypatch.setattr("nnunet_ext.building_blocks.deform_conv_cpu.CHUNK_BYTES", 1024)
+    impl = (lambda *a: deform_conv_nd(*a, kernel_chunk=2)) if lean.endswith("=2") else LEAN[lean.split(",")[0]]
+    for fn in (impl, deform_conv_reference):
         ls = [t.clone().requires_grad_() for t in leaves]
         m = ls[4] if with_mask else None
         y = fn(ls[0], ls[1], ls[2], ls[3], s, p, d, m)
@@ -334,9 +347,11 @@ def test_lean_function_matches_reference_values_and_gradients(case, kernel_chunk
     assert all(t.abs().sum() > 0 for t in results[0])
 
 
-def test_lean_function_keeps_only_its_inputs_for_backward():
-    """What autograd keeps for backward (``saved_tensors_hooks``), 3D 16->16, 12^3, k=3: the lean Function keeps
-    at most its inputs (input, offsets, mask, weight) + 10 %; the reference keeps the ``C_in * K * voxels`` samples."""
+@pytest.mark.parametrize("lean", LEAN)
+def test_lean_function_keeps_only_its_inputs_for_backward(lean):
+    """What autograd keeps for backward (``saved_tensors_hooks``), 3D 16->16, 12^3, k=3: the lean Function and the
+    CPU kernel keep at most their inputs (input, offsets, mask, weight) + 10 %; the reference keeps the
+    ``C_in * K * voxels`` samples."""
     torch.manual_seed(14)
     x = torch.randn(1, 16, 12, 12, 12, requires_grad=True)
     w = torch.randn(16, 16, 3, 3, 3, requires_grad=True)
@@ -353,16 +368,17 @@ def test_lean_function_keeps_only_its_inputs_for_backward():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             fn(x, off, w, None, 1, 1, 1, mask)
         return sum(seen.values())
-    lean, ref = saved_bytes(deform_conv_nd), saved_bytes(deform_conv_reference)
-    assert lean <= 1.1 * inputs_bytes, (lean, inputs_bytes)
+    kept, ref = saved_bytes(LEAN[lean]), saved_bytes(deform_conv_reference)
+    assert kept <= 1.1 * inputs_bytes, (kept, inputs_bytes)
     assert ref > 2 * 16 * 27 * 12 ** 3 * 4  # plain and modulated samples
-    assert lean < ref / 5
+    assert kept < ref / 5
 
 
+@pytest.mark.parametrize("lean", LEAN)
 @pytest.mark.parametrize("dim", [2, 3])
-def test_gradcheck_lean_function(dim):
-    """Double-precision gradcheck of the lean Function w.r.t. input, offsets, mask and weight (tiny, stride 2 in
-    2D, two offset groups)."""
+def test_gradcheck_lean_function(dim, lean):
+    """Double-precision gradcheck of the lean Function and the CPU kernel w.r.t. input, offsets, mask and weight
+    (tiny, stride 2 in 2D, two offset groups)."""
     gen = torch.Generator().manual_seed(15)
     in_size = (4, 5) if dim == 2 else (3, 3, 4)
     k = (3, 2) if dim == 2 else (2, 2, 2)
@@ -373,8 +389,8 @@ def test_gradcheck_lean_function(dim):
     K = w[0, 0].numel()
     off = _random_fractional_offsets((1, dim * 2 * K, *out_size), gen=gen).requires_grad_()
     mask = (torch.rand(1, 2 * K, *out_size, dtype=torch.float64, generator=gen) + 0.1).requires_grad_()
-    assert torch.autograd.gradcheck(lambda *a: deform_conv_nd(a[0], a[1], a[2], None, stride, pad, 1, a[3],
-                                                              kernel_chunk=3),
+    kwargs = {"kernel_chunk": 3} if lean == "generic" else {}
+    assert torch.autograd.gradcheck(lambda *a: LEAN[lean](a[0], a[1], a[2], None, stride, pad, 1, a[3], **kwargs),
                                     (x, off, w, mask), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
@@ -411,7 +427,9 @@ def test_shape_errors_are_clear():
         deform_conv_nd(x, torch.zeros(1, 81, 5, 6, 7), w, None, 1, 1, 1, torch.ones(1, 26, 5, 6, 7))
 
 
-def test_low_precision_input_samples_in_fp32_and_returns_input_dtype():
+@pytest.mark.parametrize("lean", LEAN)
+def test_low_precision_input_samples_in_fp32_and_returns_input_dtype(lean):
+    deform_conv_nd = LEAN[lean]
     torch.manual_seed(11)
     x, w = torch.randn(1, 4, 5, 6, 7), torch.randn(4, 4, 3, 3, 3)
     off, m = torch.randn(1, 81, 5, 6, 7), torch.rand(1, 27, 5, 6, 7)

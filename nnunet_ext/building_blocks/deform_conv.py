@@ -28,15 +28,20 @@ What is in this module
     size 1 (such an axis is zero-padded to size 2 internally, because ``align_corners=True`` cannot
     address an axis of size 1: every normalised coordinate would map to voxel 0).
     Not supported: transposed deformable conv, 1D, double backward.
+``deform_conv_cpu.deform_conv_cpu`` (own module)
+    The compiled CPU kernel (C++, im2col + GEMM with the input channels-last, one fused sampling pass in backward;
+    built on first use): what ``'auto'`` picks on the CPU. Same arguments and results as ``deform_conv_nd``, which
+    stays the pure-PyTorch path for devices and machines without it.
 ``deform_conv_reference``
     The same computation by plain autograd (all kernel points at once; autograd keeps the ``C_in * K * voxels``
     samples twice, plain and modulated): the reference the tests compare the lean Function and the Triton kernels
     (``deform_conv_triton``) against.
 ``DeformConv``
     Module holding the kernel (and bias); ``backend`` picks the implementation per call (``resolve_backend``):
-    ``'auto'`` = Triton on CUDA when triton is importable, else torchvision in 2D on CUDA, and the lean PyTorch
-    path on the CPU in 2D and 3D (measured faster there than torchvision's CPU kernels, whose backward is naive:
-    ``benchmarks/deform_conv_and_lfam.py`` prints every backend side by side).
+    ``'auto'`` = Triton on CUDA when triton is importable, else torchvision in 2D on CUDA, and the compiled CPU
+    kernel on the CPU in 2D and 3D (the lean PyTorch path where it cannot be built); measured, torchvision's CPU
+    kernels (naive backward) and the lean PyTorch path are several times slower there:
+    ``benchmarks/deform_conv_and_lfam.py`` prints every backend side by side.
 ``ModulatedDeformConvBlock``
     A ``DeformConv`` with its own offset/mask predictor (``'full'``: a regular conv with the same kernel size,
     stride, padding and dilation, as in DCNv2; ``'separable'``: depthwise k^N + 1x1, about K times cheaper), whose
@@ -75,7 +80,7 @@ IntOrSeq = Union[int, Sequence[int]]
 __all__ = ["deform_conv_nd", "deform_conv_reference", "DeformConv", "ModulatedDeformConvBlock",
            "deform_conv_output_size", "resolve_backend", "BACKENDS", "PREDICTORS"]
 
-BACKENDS = ("auto", "generic", "torchvision", "triton")
+BACKENDS = ("auto", "cpp", "generic", "torchvision", "triton")
 PREDICTORS = ("full", "separable")
 # kernel points per chunk of the lean path (measured, see the module docstring)
 DEFAULT_KERNEL_CHUNK = {2: 9, 3: 9}
@@ -365,10 +370,11 @@ def resolve_backend(backend: str, dim: int, device: Union[str, torch.device]) ->
 
     ``'auto'`` (by measurement, ``benchmarks/deform_conv_and_lfam.py``): CUDA with triton importable -> ``'triton'``
     (``deform_conv_triton``); CUDA without triton -> ``'torchvision'`` in 2D (compiled CUDA kernels), ``'generic'`` in
-    3D; CPU -> ``'generic'`` in 2D and 3D (the lean PyTorch path: torchvision's CPU backward is naive, measured at
-    several times the generic path; the Triton kernels only run on CPU under the interpreter, for tests).
-    Explicit names are checked: ``'torchvision'`` is 2D only, ``'triton'`` needs triton and a CUDA tensor (or
-    ``TRITON_INTERPRET=1``)."""
+    3D; CPU -> ``'cpp'`` (the compiled CPU kernel of ``deform_conv_cpu``) in 2D and 3D, or ``'generic'`` (the lean
+    PyTorch path) where that kernel cannot be built. torchvision's CPU kernels are not chosen: their backward is
+    naive, measured at many times the other paths; the Triton kernels only run on CPU under the interpreter, for
+    tests. Explicit names are checked: ``'torchvision'`` is 2D only, ``'triton'`` needs triton and a CUDA tensor (or
+    ``TRITON_INTERPRET=1``), ``'cpp'`` a CPU tensor and a buildable kernel."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}, expected one of {BACKENDS}")
     if backend == "torchvision" and dim != 2:
@@ -385,6 +391,13 @@ def resolve_backend(backend: str, dim: int, device: Union[str, torch.device]) ->
         if available:
             return "triton"
         return "torchvision" if dim == 2 else "generic"
+    if backend == "cpp" or (backend == "auto" and device.type == "cpu"):
+        from nnunet_ext.building_blocks.deform_conv_cpu import cpu_kernel_available
+        if backend == "cpp" and (device.type != "cpu" or not cpu_kernel_available()):
+            raise RuntimeError(f"backend='cpp' needs a CPU tensor and the compiled kernel "
+                               f"(nnunet_ext.building_blocks.deform_conv_cpu); not available for device {device}")
+        if cpu_kernel_available():
+            return "cpp"
     return "generic" if backend == "auto" else backend
 
 
@@ -397,7 +410,8 @@ class DeformConv(nn.Module):
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as in ``nn.ConvNd``.
         dim: 2 or 3.
         backend: one of ``BACKENDS``; ``'auto'`` picks per call from the input's device (``resolve_backend``),
-            ``'generic'`` is the lean PyTorch path (``deform_conv_nd``), ``'torchvision'``
+            ``'cpp'`` the compiled CPU kernel (``deform_conv_cpu``), ``'generic'`` the lean PyTorch path
+            (``deform_conv_nd``), ``'torchvision'``
             (``torchvision.ops.deform_conv2d``, 2D only), ``'triton'`` (``deform_conv_triton``).
     Offset groups are not a constructor argument: as in torchvision they follow from the channel
     count of the offset tensor passed to ``forward``.
@@ -453,6 +467,9 @@ class DeformConv(nn.Module):
         if backend == "triton":
             from nnunet_ext.building_blocks.deform_conv_triton import deform_conv_triton
             return deform_conv_triton(*args, mask=mask)
+        if backend == "cpp":
+            from nnunet_ext.building_blocks.deform_conv_cpu import deform_conv_cpu
+            return deform_conv_cpu(*args, mask=mask)
         return deform_conv_nd(*args, mask=mask)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,112 @@
+"""The compiled CPU kernel of the modulated deformable convolution (DCNv2, Zhu et al. 2019, Eq. 3), 2D and 3D.
+
+``csrc/deform_conv_cpu.cpp`` (im2col + GEMM with the input kept channels-last, one fused sampling pass in backward;
+its header comment has the design) is compiled on first use by ``torch.utils.cpp_extension.load`` (about 25 s once
+per machine, cached in torch's extension directory, ``TORCH_EXTENSIONS_DIR``). ``cpu_kernel_available()`` says
+whether it could be built; when it cannot (no C++ compiler), ``deform_conv.resolve_backend`` falls back to the
+pure-PyTorch path with one warning. ``NNUNET_EXT_DCN_CPU_KERNEL=0`` disables it.
+
+``deform_conv_cpu`` is the autograd Function around the two ops: it saves input, offset, mask and weight only (the
+backward recomputes the samples chunk by chunk), like the pure-PyTorch lean path it replaces on the CPU.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from nnunet_ext.building_blocks.deform_conv import IntOrSeq, _geometry
+
+__all__ = ["cpu_kernel_available", "deform_conv_cpu", "CHUNK_BYTES"]
+
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "deform_conv_cpu.cpp"
+_NAME = "nnunet_ext_deform_conv_cpu"  # the ops' namespace (torch.ops.<_NAME>)
+# vector instructions by the CPU capability torch itself dispatches on; the build is cached per capability, so a
+# cache shared by machines with different CPUs never runs instructions a machine lacks
+_ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
+                         "-mprefer-vector-width=512"],
+              "AVX2": ["-mavx2", "-mfma"]}
+# bytes of one chunk of columns (and of column gradients in backward): the transient memory of a layer
+CHUNK_BYTES = 8 * 2 ** 20
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_kernel_available() -> bool:
+    """Build (first call on a machine) or load the kernel; False (with a warning) when it cannot be built."""
+    if os.environ.get("NNUNET_EXT_DCN_CPU_KERNEL", "1") == "0":
+        return False
+    if hasattr(torch.ops, _NAME) and hasattr(getattr(torch.ops, _NAME), "forward"):
+        return True
+    from torch.utils import cpp_extension
+    isa = torch.backends.cpu.get_cpu_capability()
+    start = time.monotonic()
+    notice = threading.Timer(3, print, ["nnunet_ext: building the deformable-convolution CPU kernel (once per "
+                                        "machine, about 25 s) ...", ], {"file": sys.stderr, "flush": True})
+    notice.start()
+    path = os.environ.get("PATH", "")
+    # the ninja that pip installed next to this interpreter, also when its environment is not activated
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
+    try:
+        cpp_extension.load(name=f"{_NAME}_{isa.lower()}", sources=[str(_SOURCE)],
+                           extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS.get(isa, [])], extra_ldflags=["-fopenmp"],
+                           is_python_module=False, verbose=False)
+    except Exception as e:  # no compiler, no headers: the pure-PyTorch path still works
+        warnings.warn(f"nnunet_ext: could not build the deformable-convolution CPU kernel {_SOURCE} ({e}); "
+                      f"using the slower pure-PyTorch path", RuntimeWarning, stacklevel=2)
+        return False
+    finally:
+        notice.cancel()
+        os.environ["PATH"] = path
+    if time.monotonic() - start > 5:
+        print(f"nnunet_ext: built the deformable-convolution CPU kernel in {time.monotonic() - start:.0f} s "
+              f"(once per machine)", file=sys.stderr)
+    return True
+
+
+class _DeformConvCPUFunction(torch.autograd.Function):
+    """DCNv2 through the compiled ops; saves only input, offset, mask and weight."""
+
+    @staticmethod
+    def forward(ctx, input, offset, mask, weight, out_size, stride, padding, dilation, offset_groups, groups):
+        ops = getattr(torch.ops, _NAME)
+        out = ops.forward(input, offset, mask, weight, out_size, stride, padding, dilation, offset_groups, groups,
+                          CHUNK_BYTES)
+        ctx.save_for_backward(input, offset, mask, weight)
+        ctx.conf = (stride, padding, dilation, offset_groups, groups)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        input, offset, mask, weight = ctx.saved_tensors
+        ops = getattr(torch.ops, _NAME)
+        need = ctx.needs_input_grad[:4]
+        grads = ops.backward(grad_out, input, offset, mask, weight, *ctx.conf, need[0], need[1],
+                             need[2] and mask is not None, need[3], CHUNK_BYTES)
+        return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 6
+
+
+def deform_conv_cpu(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
+                    bias: Optional[torch.Tensor] = None, stride: IntOrSeq = 1, padding: IntOrSeq = 0,
+                    dilation: IntOrSeq = 1, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """DCNv2 (Eq. 3) of CPU tensors by the compiled kernel; same arguments, layout and result as
+    ``deform_conv.deform_conv_nd``. float32 and float64 run natively; half/bfloat16 inputs are computed in float32
+    and returned in their dtype."""
+    geo = _geometry(input, offset, weight, mask, stride, padding, dilation)
+    if not cpu_kernel_available():
+        raise RuntimeError("the deformable-convolution CPU kernel is not available (see the warning above)")
+    cdtype = torch.promote_types(input.dtype, torch.float32)
+    args = [t.to(cdtype) if t is not None else None for t in (input, offset, mask, weight)]
+    out = _DeformConvCPUFunction.apply(*args, list(geo.out_size), list(geo.stride), list(geo.padding),
+                                       list(geo.dilation), geo.G, geo.groups)
+    if bias is not None:
+        out = out + bias.to(out.dtype).view(1, -1, *([1] * geo.n))
+    return out.to(input.dtype)
