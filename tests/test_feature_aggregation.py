@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from nnunet_ext.building_blocks.feature_aggregation import (CCAPM, SCRM, FeatureAggregationModule, FeatureInitialize,
                                                              ShiftConvPath, SKFusion, WindowCrossAttention,
+                                                             _relayout, _StandardGradient, _ToStandardLayout,
                                                              window_sizes)
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -210,18 +211,50 @@ def test_blocks_shapes_and_gradients(dim):
 
 
 
-def test_sk_weights_do_not_depend_on_the_thread_count():
-    """The SK selection of channels-last maps is bit-identical with 1 and 2 threads (its 1x1 convs on the pooled
-    vector would not be: they are matrix products)."""
+def test_fam_does_not_depend_on_the_thread_count():
+    """The FAM (CCAPM outputs relaid out to the standard layout, SK means over them) is bit-identical with 1 and 2
+    threads, value and input gradients; the CCAPM returns a standard-contiguous map."""
     torch.manual_seed(0)
-    sk = SKFusion(64)
-    y1, y2 = (torch.randn(2, 64, 32, 32).contiguous(memory_format=torch.channels_last) for _ in range(2))
+    fam = FeatureAggregationModule(nn.Conv2d, 32, 3)
+    x_h, x_l = (torch.randn(2, 32, 32, 32) for _ in range(2))
+    assert fam.ccapm_high(*fam.ccapm_inputs(fam.fi_high(x_h), fam.fi_low(x_l))[0]).is_contiguous()
     threads = torch.get_num_threads()
+    results = []
     try:
-        weights = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            weights.append(sk.weights(y1, y2))
+            inputs = [t.clone().requires_grad_() for t in (x_h, x_l)]
+            out = fam(*inputs)
+            out.square().sum().backward()
+            results.append((out, *(t.grad for t in inputs)))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(weights[0], weights[1])
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_relayout_functions_are_identities_with_the_stated_layouts(dim):
+    """``_ToStandardLayout``: the same values, standard-contiguous, gradient returned unchanged and channels-last;
+    ``_StandardGradient``: the same values, gradient returned unchanged and standard-contiguous; ``_relayout`` of
+    a map in neither layout (a channel slice) is a plain contiguous copy."""
+    shape = SHAPE[dim]
+    x = torch.randn(shape[0], *shape[2:], shape[1], dtype=torch.float64).movedim(-1, 1).requires_grad_()
+    grad = torch.randn(shape, dtype=torch.float64)
+    out = _ToStandardLayout.apply(x)
+    assert out.is_contiguous() and torch.equal(out, x)
+    out.backward(grad)
+    assert x.grad.movedim(1, -1).is_contiguous() and torch.equal(x.grad, grad)
+
+    y = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    grad_last = torch.randn(shape[0], *shape[2:], shape[1], dtype=torch.float64).movedim(-1, 1)
+    out = _StandardGradient.apply(y)
+    assert torch.equal(out, y)
+    out.backward(grad_last)
+    assert y.grad.is_contiguous() and torch.equal(y.grad, grad_last)
+
+    sliced = x.detach()[:, 1:]
+    for channels_last in (False, True):
+        copy = _relayout(sliced, channels_last)
+        assert torch.equal(copy, sliced)
+        assert (copy.movedim(1, -1) if channels_last else copy).is_contiguous()
