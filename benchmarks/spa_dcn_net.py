@@ -223,7 +223,7 @@ def backends(repeats: int = 3) -> None:
     x = torch.randn(4, 1, 256, 256)
     print("| DCN backend | train step wall s | CPU s |")
     print("|---|---|---|")
-    for backend in ("generic", "torchvision"):
+    for backend in ("cpp", "generic", "torchvision"):
         torch.manual_seed(0)
         wall, cpu = median_wall_and_cpu_time(make_train_step(SPADCNNet(1, 2, deep_supervision=True,
                                                                        dcn_backend=backend), x), repeats=repeats)

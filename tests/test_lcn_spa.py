@@ -203,7 +203,8 @@ def pre_norm_output(block: EnhancedDeformConvBlock, x: torch.Tensor) -> torch.Te
     return captured[0]
 
 
-@pytest.mark.parametrize("dim,backend", [(2, "generic"), (2, "torchvision"), (3, "generic")])
+@pytest.mark.parametrize("dim,backend", [(2, "auto"), (2, "cpp"), (2, "generic"), (2, "torchvision"), (3, "auto"),
+                                         (3, "generic")])
 def test_zero_offsets_dcn_equals_plain_conv_with_the_same_kernel(dim, backend):
     torch.manual_seed(0)
     block = EnhancedDeformConvBlock(5, 4, CONV[dim], dcn_backend=backend).eval()

@@ -42,9 +42,9 @@ One code path for 2D and 3D, chosen by ``conv_op`` (the network itself is 2D bec
     Gradients: the LCN, gates and SPA reach the output only through the offset/mask conv, which starts at zero, so
     in the very first backward pass their gradients are exactly zero (present, not None: DDP without
     ``find_unused_parameters`` is fine); after the first optimiser step they are non-zero (tested).
-    DCN backend (``dcn_backend='auto'``): chosen per call from the input's device, ``torchvision.ops.deform_conv2d``
-    on CUDA (compiled kernels) and the pure-PyTorch ``deform_conv_nd`` on CPU (faster there:
-    ``benchmarks/spa_dcn_net.py`` measures both); 3D always uses ``deform_conv_nd``.
+    DCN backend (``dcn_backend``, one of ``deform_conv.BACKENDS``): ``'auto'`` chooses per call from the input's
+    device like every ``DeformConv`` (``deform_conv.resolve_backend``: the compiled CPU kernel on the CPU, Triton or
+    torchvision on CUDA); ``benchmarks/spa_dcn_net.py --backends`` times the training step with each.
 """
 from __future__ import annotations
 
@@ -56,14 +56,14 @@ import torch
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, get_matching_batchnorm
 from torch import nn
 
-from nnunet_ext.building_blocks.deform_conv import ModulatedDeformConvBlock, deform_conv_nd
+from nnunet_ext.building_blocks.deform_conv import BACKENDS, ModulatedDeformConvBlock
 
 __all__ = ["local_contrast_normalization", "LocalContrastNormalization", "GatedLCN", "SpatialPyramidAttention",
            "EnhancedDeformConvBlock", "LCN_MODES", "DCN_BACKENDS", "PointwiseConv2d",
            "PointwiseConv3d", "pointwise_conv_op"]
 
 LCN_MODES = ("gated", "before_spa", "after_spa", "none")
-DCN_BACKENDS = ("auto", "torchvision", "generic")
+DCN_BACKENDS = BACKENDS
 
 
 @functools.lru_cache(maxsize=64)
@@ -279,7 +279,7 @@ class EnhancedDeformConvBlock(nn.Module):
         conv_op: ``nn.Conv2d`` or ``nn.Conv3d``.
         lcn_mode: one of ``LCN_MODES`` (Table VII ablations, see the module docstring).
         lcn_windows, lcn_eps: of the LCN; spa_dilations: of the SPA branches.
-        dcn_backend: ``'auto'`` (torchvision on CUDA, pure PyTorch on CPU), ``'torchvision'`` or ``'generic'``.
+        dcn_backend: one of ``deform_conv.BACKENDS`` (``'auto'``: per call from the device, see ``DeformConv``).
     """
 
     def __init__(self, in_channels: int, out_channels: int, conv_op: Type[nn.Module] = nn.Conv2d,
@@ -302,7 +302,7 @@ class EnhancedDeformConvBlock(nn.Module):
         else:
             self.lcn = None
         self.spa = SpatialPyramidAttention(in_channels, conv_op, spa_dilations)
-        self.dcn = ModulatedDeformConvBlock(in_channels, out_channels, 3, self.dim, bias=False, backend="generic")
+        self.dcn = ModulatedDeformConvBlock(in_channels, out_channels, 3, self.dim, bias=False, backend=dcn_backend)
         self.norm = get_matching_batchnorm(conv_op)(out_channels)
         self.nonlin = nn.ReLU(inplace=True)
 
@@ -312,19 +312,8 @@ class EnhancedDeformConvBlock(nn.Module):
             return self.lcn(self.spa(x))
         return self.spa(x if self.lcn is None else self.lcn(x))
 
-    def _use_torchvision(self, x: torch.Tensor) -> bool:
-        return self.dim == 2 and (self.dcn_backend == "torchvision" or (self.dcn_backend == "auto" and x.is_cuda))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        offset, mask = self.dcn.predict_offset_and_mask(self.guide(x))
-        conv = self.dcn.dcn
-        if self._use_torchvision(x):
-            from torchvision.ops import deform_conv2d
-            y = deform_conv2d(x, offset, conv.weight, None, stride=conv.stride, padding=conv.padding,
-                              dilation=conv.dilation, mask=mask)
-        else:
-            y = deform_conv_nd(x, offset, conv.weight, None, conv.stride, conv.padding, conv.dilation, mask)
-        return self.nonlin(self.norm(y))
+        return self.nonlin(self.norm(self.dcn(x, guide=self.guide(x))))
 
     def extra_repr(self) -> str:
         return f"lcn_mode={self.lcn_mode!r}, dcn_backend={self.dcn_backend!r}"
