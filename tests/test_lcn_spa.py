@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from scipy.ndimage import uniform_filter
 from torch import nn
 
-from nnunet_ext.building_blocks.lcn_spa import (LCN_MODES, EnhancedDeformConvBlock, GatedLCN, PointwiseConv2d,
-                                                PointwiseConv3d, SpatialPyramidAttention, local_contrast_normalization)
+from nnunet_ext.building_blocks.lcn_spa import (LCN_MODES, EnhancedDeformConvBlock, GatedLCN, SpatialPyramidAttention,
+                                                local_contrast_normalization)
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 EPS = 1e-3
@@ -83,24 +83,6 @@ def test_lcn_value_and_gradient_equal_the_autograd_definition(shape, windows):
     assert local_contrast_normalization(x32, windows).dtype == torch.float32
     torch.testing.assert_close(local_contrast_normalization(x32, windows),
                                lcn_autograd_reference(x32.double(), windows).float(), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("dim", [2, 3])
-def test_pointwise_conv_equals_the_1x1_convolution(dim):
-    torch.manual_seed(0)
-    pointwise = {2: PointwiseConv2d, 3: PointwiseConv3d}[dim](6, 5).double()
-    conv = CONV[dim](6, 5, 1).double()
-    conv.load_state_dict(pointwise.state_dict())
-    x = torch.randn(3, 6, *([7] * dim), dtype=torch.float64, requires_grad=True)
-    upstream = torch.randn(3, 5, *([7] * dim), dtype=torch.float64)
-    out, expected = pointwise(x), conv(x)
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    grads = torch.autograd.grad(out, (x, pointwise.weight, pointwise.bias), upstream)
-    expected_grads = torch.autograd.grad(expected, (x, conv.weight, conv.bias), upstream)
-    for g, e in zip(grads, expected_grads):
-        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
-    no_bias = {2: PointwiseConv2d, 3: PointwiseConv3d}[dim](6, 5, bias=False).double()
-    torch.testing.assert_close(no_bias(x), F.conv2d(x, no_bias.weight) if dim == 2 else F.conv3d(x, no_bias.weight))
 
 
 def test_gated_lcn_equals_eq3_on_hand_built_input():

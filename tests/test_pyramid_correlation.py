@@ -153,18 +153,6 @@ def test_one_channel_convolutions_equal_the_convolution(kernel):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("dim", [2, 3])
-def test_pointwise_conv_equals_the_convolution(dim):
-    conv = randomise((nn.Conv2d if dim == 2 else nn.Conv3d)(5, 3, 1), 8).double()
-    x = torch.randn(2, 5, *(4, 5, 6)[:dim], dtype=torch.float64, requires_grad=True)
-    ours, expected = pc.pointwise_conv(x, conv), conv(x)
-    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
-    grad = torch.randn_like(ours)
-    leaves = (x, conv.weight, conv.bias)
-    for a, b in zip(torch.autograd.grad(ours, leaves, grad), torch.autograd.grad(expected, leaves, grad), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-
-
 @pytest.mark.parametrize("shape", [(2, 3, 5, 6), (2, 3, 3, 4, 5)])
 def test_spatial_avg_max_by_value_and_gradcheck(shape):
     torch.manual_seed(2)

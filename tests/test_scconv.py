@@ -4,9 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from torch.nn import functional as F
-
-from nnunet_ext.building_blocks.scconv import FOLD_MAX_CHANNELS, ChannelRefinement, SpatialGate, pointwise_conv
+from nnunet_ext.building_blocks.scconv import FOLD_MAX_CHANNELS, ChannelRefinement, SpatialGate
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -106,28 +104,6 @@ def test_spatial_gate_halves_are_the_reconstruction():
     torch.testing.assert_close(up, x_w1[:, :4] + x_w2[:, 4:])
     torch.testing.assert_close(low, x_w1[:, 4:] + x_w2[:, :4])
 
-
-
-@pytest.mark.parametrize("dim, channels, out, groups, bias", [(2, 8, 12, 1, True), (2, 12, 12, 3, True),
-                                                              (3, 6, 4, 2, False), (2, 4, 6, 1, False)])
-def test_pointwise_conv_is_the_1x1_convolution_in_value_and_gradient(dim, channels, out, groups, bias):
-    """``bmm`` form against ``F.conv2d`` / ``F.conv3d`` in float64, on a channel slice (strided batch) as the
-    Channel Refinement passes it."""
-    torch.manual_seed(0)
-    full = torch.randn(2, 2 * channels, *([5] * dim), dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(out, channels // groups, *([1] * dim), dtype=torch.float64, requires_grad=True)
-    b = torch.randn(out, dtype=torch.float64, requires_grad=True) if bias else None
-    grad = torch.randn(2, out, *([5] * dim), dtype=torch.float64)
-    results = []
-    for function in (pointwise_conv, (F.conv2d, F.conv3d)[dim - 2]):
-        y = function(full[:, channels:], weight, b, groups=groups)
-        inputs = [full, weight] + ([b] if bias else [])
-        results.append((y, torch.autograd.grad(y, inputs, grad)))
-    (y, grads), (y_ref, grads_ref) = results
-    assert y.shape == y_ref.shape and y.is_contiguous()
-    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
-    for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dim, channels, kernel", [(2, 32, 3), (2, 80, 3), (3, 16, [1, 3, 3]), (3, 72, 3)])

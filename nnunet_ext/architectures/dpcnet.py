@@ -32,7 +32,8 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 
 from nnunet_ext.architectures.plan_network import PlanUNetWrapper, build_plan_network, decoder_stage_outputs
-from nnunet_ext.building_blocks.pyramid_correlation import SemanticCorrelation, SpatialCorrelation, pointwise_conv
+from nnunet_ext.building_blocks.pointwise import pointwise_conv
+from nnunet_ext.building_blocks.pyramid_correlation import SemanticCorrelation, SpatialCorrelation
 
 
 class DPCNet(PlanUNetWrapper):
@@ -76,7 +77,8 @@ class DPCNet(PlanUNetWrapper):
 
     def pfe_logits(self, level: int, feature: torch.Tensor) -> torch.Tensor:
         # decoder.seg_layers (1x1 convs) are ordered like the decoder stages: lowest resolution first
-        return pointwise_conv(feature, self.decoder.seg_layers[self.num_levels - 1 - level])
+        head = self.decoder.seg_layers[self.num_levels - 1 - level]
+        return pointwise_conv(feature, head.weight, head.bias)
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         features = self.pyramid_features(x)
@@ -89,7 +91,7 @@ class DPCNet(PlanUNetWrapper):
         sem_inputs = [features[0]] + spa  # X_i: F_0 at level 0, F_i^spa above
         return ([self.semcor[i](sem_inputs[i], spa[i], self.sem_heads[i]) for i in range(num_levels - 1)]
                 + [self.pfe_logits(i, f) for i, f in enumerate(features)]
-                + [pointwise_conv(f, head) for head, f in zip(self.spa_heads, spa)])
+                + [pointwise_conv(f, head.weight, head.bias) for head, f in zip(self.spa_heads, spa)])
 
 
 def build_dpcnet_from_plans(plans_manager, configuration_manager, num_input_channels: int,

@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import mobilenet_v3_small
 
-from nnunet_ext.building_blocks.lcn_spa import DCN_BACKENDS, LCN_MODES, EnhancedDeformConvBlock, PointwiseConv2d
+from nnunet_ext.building_blocks.lcn_spa import DCN_BACKENDS, LCN_MODES, EnhancedDeformConvBlock
+from nnunet_ext.building_blocks.pointwise import PointwiseConv2d
 
 __all__ = ["SPADCNNet", "build_spa_dcn_net_from_plans", "create_spa_dcn_net", "ENCODER_FEATURES",
            "OUTPUT_STRIDES", "TOTAL_STRIDE", "PLANNER_COMMAND", "ENCODER_NORM"]

@@ -36,7 +36,8 @@ from torch.nn import functional as F
 from torch.nn.modules.conv import _ConvNd
 from torch.utils.checkpoint import checkpoint
 
-from nnunet_ext.building_blocks.scconv import ChannelRefinement, SpatialGate, pointwise_conv
+from nnunet_ext.building_blocks.pointwise import pointwise_conv
+from nnunet_ext.building_blocks.scconv import ChannelRefinement, SpatialGate
 
 KernelSize = Union[int, Sequence[int]]
 

@@ -57,10 +57,10 @@ from dynamic_network_architectures.building_blocks.helper import convert_conv_op
 from torch import nn
 
 from nnunet_ext.building_blocks.deform_conv import BACKENDS, ModulatedDeformConvBlock
+from nnunet_ext.building_blocks.pointwise import pointwise_conv_op
 
 __all__ = ["local_contrast_normalization", "LocalContrastNormalization", "GatedLCN", "SpatialPyramidAttention",
-           "EnhancedDeformConvBlock", "LCN_MODES", "DCN_BACKENDS", "PointwiseConv2d",
-           "PointwiseConv3d", "pointwise_conv_op"]
+           "EnhancedDeformConvBlock", "LCN_MODES", "DCN_BACKENDS"]
 
 LCN_MODES = ("gated", "before_spa", "after_spa", "none")
 DCN_BACKENDS = BACKENDS
@@ -171,45 +171,6 @@ def local_contrast_normalization(x: torch.Tensor, windows: Sequence[int] = (7, 1
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.autocast(x.device.type, enabled=False):
         return _LCNFunction.apply(x.to(work), tuple(int(w) for w in windows), float(eps)).to(x.dtype)
-
-
-def _pointwise_forward(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A 1x1(x1) convolution (stride 1, one group) as one batched GEMM ``W @ x.view(B, C, -1) + b``: the same
-    function; on the CPU oneDNN reorders NCHW to its blocked layout and back around a 1x1 convolution, which dominates
-    at these widths (fwd+bwd at 4x32x256^2, 32 -> 32 channels: 0.20 s as a convolution, 0.08 s as ``baddbmm``;
-    4x80x128^2: 0.086 s vs 0.048 s; equal at 4x144x64^2; 2 threads)."""
-    weight = conv.weight.view(conv.out_channels, conv.in_channels)
-    flat = x.reshape(x.shape[0], x.shape[1], -1)
-    if conv.bias is None:
-        out = torch.matmul(weight, flat)
-    else:
-        out = torch.baddbmm(conv.bias.view(1, -1, 1), weight.expand(x.shape[0], -1, -1), flat)
-    return out.view(x.shape[0], conv.out_channels, *x.shape[2:])
-
-
-class PointwiseConv2d(nn.Conv2d):
-    """``nn.Conv2d(in, out, 1)`` computed as a GEMM (``_pointwise_forward``); same parameters and state dict."""
-
-    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
-        super().__init__(in_channels, out_channels, 1, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _pointwise_forward(self, x)
-
-
-class PointwiseConv3d(nn.Conv3d):
-    """``nn.Conv3d(in, out, 1)`` computed as a GEMM (``_pointwise_forward``); same parameters and state dict."""
-
-    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
-        super().__init__(in_channels, out_channels, 1, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _pointwise_forward(self, x)
-
-
-def pointwise_conv_op(conv_op: Type[nn.Module]) -> Type[nn.Module]:
-    """The 1x1 convolution class matching ``conv_op`` (``nn.Conv2d`` -> ``PointwiseConv2d``, 3D likewise)."""
-    return PointwiseConv2d if convert_conv_op_to_dim(conv_op) == 2 else PointwiseConv3d
 
 
 class LocalContrastNormalization(nn.Module):

@@ -45,6 +45,8 @@ from torch.nn.modules.conv import _ConvNd
 
 from dynamic_network_architectures.building_blocks.helper import maybe_convert_scalar_to_list
 
+from nnunet_ext.building_blocks.pointwise import pointwise_conv
+
 _LINEAR_MODE = {2: "bilinear", 3: "trilinear"}
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 CHUNK_ELEMENTS = 2 ** 22
@@ -376,16 +378,6 @@ def conv_to_one_channel(x: torch.Tensor, conv: _ConvNd) -> torch.Tensor:
     return _SumTaps.apply(z, kernel) + conv.bias.view(1, 1, *[1] * dim)
 
 
-def pointwise_conv(x: torch.Tensor, conv: _ConvNd) -> torch.Tensor:
-    """``conv(x)`` for a 1x1 ``conv`` with bias as one matrix product per sample (``torch.baddbmm``): the same
-    function; measured on the CPU (fwd + bwd, 2 threads): 0.02 s against 0.09 s for ``conv3d`` with 32 -> 2 channels
-    at 2 x 32x64x64 (a segmentation head), 0.021 s against 0.032 s with 64 -> 64 at 2 x 16x32x32 (``g_spa``)."""
-    batch = x.shape[0]
-    out = torch.baddbmm(conv.bias.view(1, -1, 1).expand(batch, -1, x[0, 0].numel()),
-                        conv.weight.flatten(1).expand(batch, -1, -1), x.flatten(2))
-    return out.view(batch, -1, *x.shape[2:])
-
-
 class SpatialCorrelation(nn.Module):
     """SpaCor (paper Sec. III.D): refines the high-level feature ``F_i`` with a spatial attention
     map derived jointly from ``F_i`` and the low-level feature ``F_{i-1}``.
@@ -418,7 +410,8 @@ class SpatialCorrelation(nn.Module):
         first, nonlin_1, middle, nonlin_2, last = self.f_spa
         hidden = nonlin_2(middle(nonlin_1(conv_from_one_channel(upsampled_channel_squeeze(high, low), first))))
         attention = torch.sigmoid(conv_to_one_channel(hidden, last))
-        return attention_resample(attention, pointwise_conv(high, self.g_spa))  # g_spa(up(F_i)) = up(g_spa(F_i))
+        # g_spa(up(F_i)) = up(g_spa(F_i)): the 1x1 conv runs at F_i's resolution
+        return attention_resample(attention, pointwise_conv(high, self.g_spa.weight, self.g_spa.bias))
 
 
 class SemanticCorrelation(nn.Module):

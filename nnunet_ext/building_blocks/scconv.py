@@ -18,39 +18,17 @@ convolutions (the Feature-Initialize projections), and ``P cat(X_C2, PWC(X_C2)) 
 1x1 weight ``P = [P_1, P_2]``: ``project_low`` applies that composed weight to ``X_C2`` (``C / 4`` channels) instead
 of materialising ``X_L`` (the same function; fewer operations).
 
-Every 1x1 convolution of the SCRM runs as a batched matrix product (``pointwise_conv``), see there.
+Every 1x1 convolution of the SCRM runs as a batched matrix product (``pointwise.pointwise_conv``), see there.
 """
 from math import gcd
-from typing import Optional, Sequence, Tuple, Type, Union
+from typing import Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.conv import _ConvNd
 
-
-def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                   groups: int = 1) -> torch.Tensor:
-    """A 1x1 convolution (``weight``: ``(out, in / groups, 1, ...)``) of a standard-layout map, 2D or 3D, as
-    ``torch.bmm`` / ``torch.baddbmm`` of each sample's and group's ``(in / groups, pixels)`` matrix: the same
-    function as ``F.conv2d`` / ``F.conv3d``.
-
-    Why: on the CPU, oneDNN's 1x1 convolutions of NCHW maps were the SCRM's slowest layers. Forward + backward at
-    4 x 256^2 (CPU time, 2 threads, with a squared sum on top, load 6-7): 32 -> 96 channels 0.67 s as a conv,
-    0.41 s as ``bmm``; 96 -> 96 in 3 groups 0.80 s against 0.46 s; 256 -> 768 at 32^2 0.13 s against 0.09 s.
-    The matrix product also gives the same bits with 1 and 2 threads; the oneDNN conv did not.
-    """
-    b, c = x.shape[:2]
-    out = weight.shape[0]
-    w = weight.reshape(1, groups, out // groups, c // groups).expand(b, -1, -1, -1).reshape(
-        b * groups, out // groups, c // groups)
-    columns = x.reshape(b * groups, c // groups, -1)
-    if bias is None:
-        y = torch.bmm(w, columns)
-    else:
-        y = torch.baddbmm(bias.reshape(1, groups, out // groups, 1).expand(b, -1, -1, -1).reshape(
-            b * groups, out // groups, 1), w, columns)
-    return y.view(b, out, *x.shape[2:])
+from nnunet_ext.building_blocks.pointwise import pointwise_conv
 
 
 class SpatialGate(nn.Module):
