@@ -429,22 +429,22 @@ def test_shape_errors_are_clear():
 
 @pytest.mark.parametrize("lean", LEAN)
 def test_low_precision_input_samples_in_fp32_and_returns_input_dtype(lean):
-    deform_conv_nd = LEAN[lean]
+    fn = LEAN[lean]
     torch.manual_seed(11)
     x, w = torch.randn(1, 4, 5, 6, 7), torch.randn(4, 4, 3, 3, 3)
     off, m = torch.randn(1, 81, 5, 6, 7), torch.rand(1, 27, 5, 6, 7)
-    ref = deform_conv_nd(x, off, w, None, 1, 1, 1, m)
-    out = deform_conv_nd(x.bfloat16(), off.bfloat16(), w.bfloat16(), None, 1, 1, 1, m.bfloat16())
+    ref = fn(x, off, w, None, 1, 1, 1, m)
+    out = fn(x.bfloat16(), off.bfloat16(), w.bfloat16(), None, 1, 1, 1, m.bfloat16())
     assert out.dtype == torch.bfloat16
     assert ((out.float() - ref).abs().max() / ref.abs().max()) < 2e-2
     # fp16 too, with gradients in the dtype of each input
     leaves = [t.half().requires_grad_() for t in (x, off, w, m)]
-    out16 = deform_conv_nd(leaves[0], leaves[1], leaves[2], None, 1, 1, 1, leaves[3])
+    out16 = fn(leaves[0], leaves[1], leaves[2], None, 1, 1, 1, leaves[3])
     assert out16.dtype == torch.float16
     assert ((out16.float() - ref).abs().max() / ref.abs().max()) < 2e-3
     out16.float().square().sum().backward()
     ref_leaves = [t.half().float().requires_grad_() for t in (x, off, w, m)]
-    deform_conv_nd(ref_leaves[0], ref_leaves[1], ref_leaves[2], None, 1, 1, 1, ref_leaves[3]).square().sum().backward()
+    fn(ref_leaves[0], ref_leaves[1], ref_leaves[2], None, 1, 1, 1, ref_leaves[3]).square().sum().backward()
     for a, r in zip(leaves, ref_leaves):
         assert a.grad.dtype == torch.float16
         assert ((a.grad.float() - r.grad).abs().max() / r.grad.abs().max()) < 1e-2
