@@ -125,7 +125,7 @@ def layer_table(device: str, repeats: int) -> str:
         shape = "3D 16->16, 32^3" if d == 3 else "2D 16->16, 128^2"
         name = {"conv": f"dense conv{d}d", "generic": "generic (lean PyTorch Function)",
                 "cpp": "cpp (compiled CPU kernel; auto on CPU)"}.get(b, b)
-        lines.append(f"| {shape} | {name} | {w * 1e3:.0f} | {w / w0:.2f} | {p * 1e3:.0f} | {p / p0:.2f} | "
+        lines.append(f"| {shape} | {name} | {w * 1e3:.1f} | {w / w0:.2f} | {p * 1e3:.1f} | {p / p0:.2f} | "
                      f"{fmt_bytes(m['mem'])} | {m['mem'] / m0['mem']:.2f} | {fmt_bytes(m['saved'])} | "
                      f"{m['saved'] / m['inputs']:.2f} |")
     return "\n".join(lines) + f"\n\nPeak tensor memory: {mems[cases[0]]['mem_method']}."

@@ -347,6 +347,31 @@ def test_lean_function_matches_reference_values_and_gradients(case, lean, monkey
     assert all(t.abs().sum() > 0 for t in results[0])
 
 
+@pytest.mark.parametrize("dim", [2, 3])
+def test_cpu_kernel_forward_same_bits_with_1_and_2_threads_and_under_inference_mode(dim, monkeypatch):
+    """The kernel's worker threads run the chunks' GEMMs: under ``torch.inference_mode`` (nnU-Net's prediction) they
+    must see the caller's mode, and the output must not depend on the number of threads (each chunk is computed the
+    same way by whichever thread takes it), so that prediction in a new process equals the training's validation."""
+    monkeypatch.setattr("nnunet_ext.building_blocks.deform_conv_cpu.CHUNK_BYTES", 4096)  # many chunks per thread
+    gen = torch.Generator().manual_seed(3)
+    size = (9, 10, 11)[-dim:]
+    x = torch.randn(2, 8, *size, generator=gen)
+    w = torch.randn(8, 8, *(3,) * dim, generator=gen)
+    off = torch.randn(2, dim * 3 ** dim, *size, generator=gen)
+    mask = torch.rand(2, 3 ** dim, *size, generator=gen)
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for n, mode in ((1, torch.no_grad), (2, torch.no_grad), (2, torch.inference_mode)):
+            torch.set_num_threads(n)
+            with mode():
+                outputs.append(deform_conv_cpu(x, off, w, None, 1, 1, 1, mask=mask).clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+    torch.testing.assert_close(outputs[0], deform_conv_reference(x, off, w, None, 1, 1, 1, mask), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("lean", LEAN)
 def test_lean_function_keeps_only_its_inputs_for_backward(lean):
     """What autograd keeps for backward (``saved_tensors_hooks``), 3D 16->16, 12^3, k=3: the lean Function and the

@@ -29,6 +29,7 @@
 // Build with -fno-trapping-math: otherwise GCC does not vectorise the float -> int conversions of the corner loops.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -395,8 +396,9 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& offset_in, co
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv_forward", [&] {
     // one parallel region: each thread samples a chunk into its own columns (small enough to stay in its L2 cache)
     // and multiplies them right away (a single-threaded at::mm inside the region)
+    const at::ThreadLocalState tls;
     at::parallel_for(0, B * chunks, 1, [&](int64_t c0, int64_t c1) {
-      const at::NoGradGuard no_grad;  // worker threads do not inherit the caller's grad mode
+      const at::ThreadLocalStateGuard tls_guard(tls);  // the caller's grad / inference mode in worker threads
       at::Tensor cols = at::empty({Lc, g.row()}, input.options());
       for (int64_t ci = c0; ci < c1; ++ci) {
         const int64_t b = ci / chunks, l0 = (ci % chunks) * Lc, l1 = std::min(g.L, l0 + Lc), n = l1 - l0;
@@ -448,8 +450,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv_backward", [&] {
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t p = 1; p < static_cast<int64_t>(gx_parts.size()); ++p) gx_parts[p].zero_();
+      const at::ThreadLocalState tls;
       at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-        const at::NoGradGuard no_grad;  // worker threads do not inherit the caller's grad mode
+        const at::ThreadLocalStateGuard tls_guard(tls);  // the caller's grad / inference mode in worker threads
         at::Tensor dcols = at::empty({Lc, g.row()}, input.options());
         at::Tensor cols = need_w ? at::empty({Lc, g.row()}, input.options()) : at::Tensor();
         for (int64_t p = p0; p < p1; ++p) {
