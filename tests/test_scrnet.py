@@ -92,6 +92,26 @@ def test_decoder_uses_3x3_transposed_convs_and_max_pools():
     assert net.compute_conv_feature_map_size([64, 64]) > 0
 
 
+@pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])
+def test_heads_are_the_1x1_convolutions_of_their_parameters(configuration):
+    """The heads (matrix products) against ``F.conv2d``/``conv3d`` with their weights: values and gradients in
+    float64, and the state dict of ``nn.Conv`` heads."""
+    net, cm = build(configuration)
+    net.double()
+    conv = (torch.nn.functional.conv2d, torch.nn.functional.conv3d)[len(cm.patch_size) - 2]
+    for head in net.heads:
+        assert isinstance(head, torch.nn.modules.conv._ConvNd) and head.kernel_size == (1,) * len(cm.patch_size)
+        assert set(head.state_dict()) == {"weight", "bias"}
+        x = torch.randn(2, head.in_channels, *[5] * len(cm.patch_size), dtype=torch.float64, requires_grad=True)
+        grad = torch.randn(2, head.out_channels, *[5] * len(cm.patch_size), dtype=torch.float64)
+        results = []
+        for fn in (head, lambda t: conv(t, head.weight, head.bias)):
+            out = fn(x)
+            results.append((out, *torch.autograd.grad(out, (x, head.weight, head.bias), grad)))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.fixture
 def make_trainer(tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
