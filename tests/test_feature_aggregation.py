@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from nnunet_ext.building_blocks.feature_aggregation import (CCAPM, SCRM, FeatureAggregationModule, FeatureInitialize,
                                                              ShiftConvPath, SKFusion, WindowCrossAttention,
-                                                             _relayout, _StandardGradient, _ToStandardLayout,
+                                                             _relayout, _StandardGradientChunks, _ToStandardLayout,
                                                              window_sizes)
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -236,8 +236,9 @@ def test_fam_does_not_depend_on_the_thread_count():
 @pytest.mark.parametrize("dim", [2, 3])
 def test_relayout_functions_are_identities_with_the_stated_layouts(dim):
     """``_ToStandardLayout``: the same values, standard-contiguous, gradient returned unchanged and channels-last;
-    ``_StandardGradient``: the same values, gradient returned unchanged and standard-contiguous; ``_relayout`` of
-    a map in neither layout (a channel slice) is a plain contiguous copy."""
+    ``_StandardGradientChunks``: the chunks' values, their gradients (channels-last, standard, a channel slice, or
+    none: zeros) assembled unchanged and standard-contiguous; ``_relayout`` of a map in neither layout (a channel
+    slice) is a plain contiguous copy."""
     shape = SHAPE[dim]
     x = torch.randn(shape[0], *shape[2:], shape[1], dtype=torch.float64).movedim(-1, 1).requires_grad_()
     grad = torch.randn(shape, dtype=torch.float64)
@@ -246,12 +247,15 @@ def test_relayout_functions_are_identities_with_the_stated_layouts(dim):
     out.backward(grad)
     assert x.grad.movedim(1, -1).is_contiguous() and torch.equal(x.grad, grad)
 
-    y = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(shape[0], 4 * shape[1], *shape[2:], dtype=torch.float64, requires_grad=True)
+    chunks = _StandardGradientChunks.apply(y, 4)
+    assert len(chunks) == 4 and all(torch.equal(a, b) for a, b in zip(chunks, y.chunk(4, dim=1)))
     grad_last = torch.randn(shape[0], *shape[2:], shape[1], dtype=torch.float64).movedim(-1, 1)
-    out = _StandardGradient.apply(y)
-    assert torch.equal(out, y)
-    out.backward(grad_last)
-    assert y.grad.is_contiguous() and torch.equal(y.grad, grad_last)
+    grad_standard = torch.randn(shape, dtype=torch.float64)
+    grad_slice = torch.randn(shape[0], shape[1] + 1, *shape[2:], dtype=torch.float64)[:, 1:]
+    torch.autograd.backward(chunks[:3], (grad_last, grad_standard, grad_slice))
+    assert y.grad.is_contiguous()
+    assert torch.equal(y.grad, torch.cat((grad_last, grad_standard, grad_slice, torch.zeros(shape, dtype=y.dtype)), 1))
 
     sliced = x.detach()[:, 1:]
     for channels_last in (False, True):
