@@ -54,6 +54,15 @@ def _is_channels_last(x: torch.Tensor) -> bool:
     return x.movedim(1, -1).is_contiguous()
 
 
+def _copy_channels_last_into(out: torch.Tensor, x: torch.Tensor) -> None:
+    """``out[:] = x`` for a channels-last CPU ``x`` and an ``out`` contiguous per sample in the standard layout: one
+    2-D transposed copy per sample (PyTorch's cache-blocked transpose copy)."""
+    b, c = x.shape[:2]
+    source = x.movedim(1, -1).reshape(b, -1, c)
+    for i in range(b):
+        out[i].view(c, -1).copy_(source[i].t())
+
+
 def _relayout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """``x`` (``(B, C, ...)``) with the same values, contiguous in the standard layout or channels-last (the memory
     of ``x.movedim(1, -1)`` contiguous). On the CPU, between the two layouts, one 2-D transposed copy per sample
@@ -69,9 +78,8 @@ def _relayout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
         for i in range(b):
             out[i].view(-1, c).copy_(source[i].t())
         return out.movedim(-1, 1)
-    out, source = torch.empty(x.shape, dtype=x.dtype), x.movedim(1, -1).reshape(b, -1, c)
-    for i in range(b):
-        out[i].view(c, -1).copy_(source[i].t())
+    out = torch.empty(x.shape, dtype=x.dtype)
+    _copy_channels_last_into(out, x)
     return out
 
 
@@ -106,15 +114,13 @@ class _StandardGradientChunks(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor):
         present = [g for g in grads if g is not None]
         out = present[0].new_empty(ctx.shape)
-        b, width = ctx.shape[0], ctx.shape[1] // ctx.chunks
+        width = ctx.shape[1] // ctx.chunks
         for j, grad in enumerate(grads):
             part = out[:, j * width:(j + 1) * width]
             if grad is None:
                 part.zero_()
             elif grad.device.type == "cpu" and _is_channels_last(grad) and not grad.is_contiguous():
-                source = grad.movedim(1, -1).reshape(b, -1, width)
-                for i in range(b):
-                    part[i].view(width, -1).copy_(source[i].t())
+                _copy_channels_last_into(part, grad)
             else:
                 part.copy_(grad)
         return out, None

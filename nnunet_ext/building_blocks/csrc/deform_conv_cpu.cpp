@@ -234,44 +234,42 @@ inline void for_each_block(const Geometry<N>& g, const std::vector<int64_t>& kd,
 
 // columns[l - l0, :] for output voxels [l0, l1) of sample b.
 template <typename scalar_t, int N>
-void sample_columns(const Geometry<N>& g, const std::vector<int64_t>& kd, const std::vector<std::vector<ChannelRun>>& runs,
-                    const scalar_t* x, const scalar_t* offset, const scalar_t* mask, int64_t b, int64_t l0, int64_t l1,
-                    scalar_t* cols) {
+void sample_columns(const Geometry<N>& g, const std::vector<int64_t>& kd,
+                    const std::vector<std::vector<ChannelRun>>& runs, const scalar_t* x, const scalar_t* offset,
+                    const scalar_t* mask, int64_t b, int64_t l0, int64_t l1, scalar_t* cols) {
   constexpr int M = 1 << N;
   const scalar_t* xb = x + b * g.V * g.C;
   for_each_block<scalar_t, N, false>(g, kd, offset, b, l0, l1, [&](int64_t lb, int n, int64_t og, int64_t k,
-                                                                    int64_t mk, int64_t, BlockCorners<scalar_t, N, false>& c) {
-      if (mask) {
-        for (int j = 0; j < M; ++j)
+                                                                    int64_t mk, int64_t,
+                                                                    BlockCorners<scalar_t, N, false>& c) {
+    if (mask) {
+      for (int j = 0; j < M; ++j)
 #pragma omp simd
-          for (int i = 0; i < n; ++i) c.w[j][i] *= mask[mk + i];
-      }
-      for (int i = 0; i < n; ++i) {
-        scalar_t* row = cols + (lb + i - l0) * g.row();
-        for (const ChannelRun& r : runs[og]) {
-          const int64_t c0 = r.c0, len = r.len;
-          scalar_t* __restrict__ d = row + r.dst + k * g.cpg;
-          const scalar_t* src[M];
-          scalar_t a[M];
-          for (int j = 0; j < M; ++j) {
-            src[j] = xb + int64_t(c.idx[j][i]) * g.C + c0;
-            a[j] = c.w[j][i];
-          }
+        for (int i = 0; i < n; ++i) c.w[j][i] *= mask[mk + i];
+    }
+    for (int i = 0; i < n; ++i) {
+      scalar_t* row = cols + (lb + i - l0) * g.row();
+      for (const ChannelRun& r : runs[og]) {
+        const int64_t c0 = r.c0, len = r.len;
+        scalar_t* __restrict__ d = row + r.dst + k * g.cpg;
+        const scalar_t* src[M];
+        scalar_t a[M];
+        for (int j = 0; j < M; ++j) {
+          src[j] = xb + int64_t(c.idx[j][i]) * g.C + c0;
+          a[j] = c.w[j][i];
+        }
 #pragma omp simd
-          for (int64_t t = 0; t < len; ++t) {
-            scalar_t v = 0;
+        for (int64_t t = 0; t < len; ++t) {
+          scalar_t v = 0;
 #pragma GCC unroll 8
-            for (int j = 0; j < M; ++j) v += a[j] * src[j][t];
-            d[t] = v;
-          }
+          for (int j = 0; j < M; ++j) v += a[j] * src[j][t];
+          d[t] = v;
         }
       }
+    }
   });
 }
 
-// The backward sampling pass over output voxels [s, e) of sample b (see the file comment). grad_x: channels-last
-// accumulation buffer of this part (used when kNeedX); cols: rebuilt columns (when kNeedW); grad_offset/grad_mask:
-// written (or nullptr).
 // The sum of W lanes by halving (a tree of vector additions).
 template <typename scalar_t, int W>
 inline scalar_t lane_sum(scalar_t (&v)[W]) {
@@ -282,16 +280,20 @@ inline scalar_t lane_sum(scalar_t (&v)[W]) {
   return v[0];
 }
 
+// The backward sampling pass over output voxels [l0, l1) of sample b, whose rows in dcols and cols start at l0 (see
+// the file comment). grad_x: channels-last accumulation buffer of this part (used when kNeedX); cols: rebuilt columns
+// (when kNeedW); grad_offset/grad_mask: written (or nullptr).
 template <typename scalar_t, int N, bool kNeedX, bool kNeedW>
-void backward_pass(const Geometry<N>& g, const std::vector<int64_t>& kd, const std::vector<std::vector<ChannelRun>>& runs,
-                   const scalar_t* x, const scalar_t* offset,
-                   const scalar_t* mask, const scalar_t* dcols, int64_t b, int64_t l0, int64_t s, int64_t e,
-                   scalar_t* grad_x, scalar_t* cols, scalar_t* grad_offset, scalar_t* grad_mask) {
+void backward_pass(const Geometry<N>& g, const std::vector<int64_t>& kd,
+                   const std::vector<std::vector<ChannelRun>>& runs, const scalar_t* x, const scalar_t* offset,
+                   const scalar_t* mask, const scalar_t* dcols, int64_t b, int64_t l0, int64_t l1, scalar_t* grad_x,
+                   scalar_t* cols, scalar_t* grad_offset, scalar_t* grad_mask) {
   constexpr int M = 1 << N;
   constexpr int W = 64 / sizeof(scalar_t);  // lanes of the channel sums: one 512-bit vector
   const scalar_t* xb = x + b * g.V * g.C;
-  for_each_block<scalar_t, N, true>(g, kd, offset, b, s, e, [&](int64_t lb, int n, int64_t og, int64_t k,
-                                                                 int64_t mk, int64_t ok, BlockCorners<scalar_t, N, true>& c) {
+  for_each_block<scalar_t, N, true>(g, kd, offset, b, l0, l1, [&](int64_t lb, int n, int64_t og, int64_t k,
+                                                                   int64_t mk, int64_t ok,
+                                                                   BlockCorners<scalar_t, N, true>& c) {
     scalar_t m[kBlock], gm[kBlock], gp[N][kBlock];
     for (int i = 0; i < n; ++i) m[i] = mask ? mask[mk + i] : scalar_t(1);
     for (int i = 0; i < n; ++i) {
@@ -436,12 +438,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   at::Tensor grad_offset = need_offset ? at::empty_like(offset) : at::Tensor();
   at::Tensor grad_mask = need_mask ? at::empty_like(mask) : at::Tensor();
   if (!(need_x || need_offset || need_mask || need_w))
-    return {grad_x, grad_offset, grad_mask, need_w ? at::zeros_like(weight_in) : at::Tensor()};
+    return {grad_x, grad_offset, grad_mask, at::Tensor()};
   const int64_t Lc = chunk_voxels(g.row(), input.element_size(), chunk_bytes, g.L);
   // the voxels of a sample are split into contiguous parts, each run by one thread from start to end (its chunks'
   // GEMMs, sampling pass and weight-gradient GEMMs) with its own grad_input and grad_W accumulators, summed in part
   // order at the end: no atomics, and the result does not depend on which thread runs which part
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), int64_t(8), (g.L + Lc - 1) / Lc}));
+  const int64_t parts =
+      std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), int64_t(8), (g.L + Lc - 1) / Lc}));
   std::vector<at::Tensor> gx_parts(need_x ? parts : 0), gw_parts(need_w ? parts : 0);
   for (int64_t p = 1; p < static_cast<int64_t>(gx_parts.size()); ++p) gx_parts[p] = at::empty_like(x[0]);
   for (auto& t : gw_parts) t = at::zeros_like(w);
@@ -469,7 +472,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
             }
             const auto run = [&](auto pass) {
               pass(g, kd, runs, x.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
-                   mask.defined() ? mask.data_ptr<scalar_t>() : nullptr, dcols.data_ptr<scalar_t>(), b, l0, l0, l1,
+                   mask.defined() ? mask.data_ptr<scalar_t>() : nullptr, dcols.data_ptr<scalar_t>(), b, l0, l1,
                    gx, need_w ? cols.data_ptr<scalar_t>() : nullptr,
                    need_offset ? grad_offset.data_ptr<scalar_t>() : nullptr,
                    need_mask ? grad_mask.data_ptr<scalar_t>() : nullptr);
