@@ -23,7 +23,8 @@
 // the input), so every loop is straight-line code.
 // Each thread runs whole chunks (sampling and its GEMMs, single-threaded inside the parallel region) on its own
 // column buffers of CHUNK_BYTES (deform_conv_cpu.py), small enough to stay in its L2 cache between the sampling and
-// the GEMM: measured 2x faster than 8 MiB chunks shared by all threads.
+// the GEMM: measured 2x faster than 8 MiB chunks shared by all threads. The buffers are kept by the thread between
+// calls (thread_buffer).
 // Nothing of size C * K * voxels is kept between forward and backward. In backward the output voxels of a sample are
 // split into contiguous parts, each with its own grad_input and grad_W accumulators (part 0 writes grad_input
 // directly) summed in part order, so no atomics are needed and the result does not depend on which thread runs which
@@ -35,6 +36,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <memory>
 #include <cstdint>
 #include <vector>
 
@@ -368,6 +371,24 @@ void backward_pass(const Geometry<N>& g, const std::vector<int64_t>& kd,
   });
 }
 
+// A [rows, cols] tensor on this thread's buffer `slot`, kept between calls and grown when needed: column buffers
+// allocated per call were returned to the system by the allocator when freed and page-faulted in again on every call.
+at::Tensor thread_buffer(int slot, int64_t rows, int64_t cols, const at::TensorOptions& options) {
+  struct Buffer {
+    std::unique_ptr<char, decltype(&std::free)> data{nullptr, &std::free};
+    size_t bytes = 0;
+  };
+  thread_local Buffer buffers[2];
+  Buffer& buffer = buffers[slot];
+  const size_t bytes = (rows * cols * options.dtype().itemsize() + 63) / 64 * 64;
+  if (buffer.bytes < bytes) {
+    buffer.data.reset(static_cast<char*>(std::aligned_alloc(64, bytes)));
+    TORCH_CHECK(buffer.data, "deform_conv_cpu: out of memory for ", bytes, " bytes of columns");
+    buffer.bytes = bytes;
+  }
+  return at::from_blob(buffer.data.get(), {rows, cols}, options);
+}
+
 int64_t chunk_voxels(int64_t row_elems, int64_t elem_size, int64_t chunk_bytes, int64_t L) {
   return std::max<int64_t>(1, std::min<int64_t>(L, chunk_bytes / std::max<int64_t>(1, row_elems * elem_size)));
 }
@@ -403,7 +424,7 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& offset_in, co
     const at::ThreadLocalState tls;
     at::parallel_for(0, B * chunks, 1, [&](int64_t c0, int64_t c1) {
       const at::ThreadLocalStateGuard tls_guard(tls);  // the caller's grad / inference mode in worker threads
-      at::Tensor cols = at::empty({Lc, g.row()}, input.options());
+      at::Tensor cols = thread_buffer(0, Lc, g.row(), input.options());
       for (int64_t ci = c0; ci < c1; ++ci) {
         const int64_t b = ci / chunks, l0 = (ci % chunks) * Lc, l1 = std::min(g.L, l0 + Lc), n = l1 - l0;
         sample_columns<scalar_t, N>(g, kd, runs, x.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
@@ -458,8 +479,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
       const at::ThreadLocalState tls;
       at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
         const at::ThreadLocalStateGuard tls_guard(tls);  // the caller's grad / inference mode in worker threads
-        at::Tensor dcols = at::empty({Lc, g.row()}, input.options());
-        at::Tensor cols = need_w ? at::empty({Lc, g.row()}, input.options()) : at::Tensor();
+        at::Tensor dcols = thread_buffer(0, Lc, g.row(), input.options());
+        at::Tensor cols = need_w ? thread_buffer(1, Lc, g.row(), input.options()) : at::Tensor();
         for (int64_t p = p0; p < p1; ++p) {
           scalar_t* gx = nullptr;
           if (need_x) gx = p == 0 ? grad_x[b].data_ptr<scalar_t>() : gx_parts[p].data_ptr<scalar_t>();
