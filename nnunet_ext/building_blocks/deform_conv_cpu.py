@@ -12,67 +12,28 @@ backward recomputes the samples chunk by chunk), like the pure-PyTorch lean path
 """
 from __future__ import annotations
 
-import functools
-import os
-import sys
-import threading
-import time
-import warnings
-from pathlib import Path
 from typing import Optional
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from nnunet_ext.building_blocks.cpu_extension import load_cpu_extension
 from nnunet_ext.building_blocks.deform_conv import IntOrSeq, _geometry
 
 __all__ = ["cpu_kernel_available", "deform_conv_cpu", "CHUNK_BYTES"]
 
-_SOURCE = Path(__file__).resolve().parent / "csrc" / "deform_conv_cpu.cpp"
 _NAME = "nnunet_ext_deform_conv_cpu"  # the ops' namespace (torch.ops.<_NAME>)
-# vector instructions by the CPU capability torch itself dispatches on; the build is cached per capability, so a
-# cache shared by machines with different CPUs never runs instructions a machine lacks
-_ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
-                         "-mprefer-vector-width=512"],
-              "AVX2": ["-mavx2", "-mfma"]}
-# bytes of one chunk of columns (and of column gradients in backward) per thread: the transient memory of a layer.
+# bytes of one chunk of columns (and of column gradients in backward); each thread keeps two such buffers between
+# calls.
 # Small enough for the columns to stay in a core's L2 cache between the sampling and the GEMM (2D layer 16->16,
 # 128^2: 512 KiB chunks took half the time of 8 MiB chunks; 256 KiB to 1 MiB within 5 % of each other)
 CHUNK_BYTES = 512 * 2 ** 10
 
 
-@functools.lru_cache(maxsize=None)
 def cpu_kernel_available() -> bool:
     """Build (first call on a machine) or load the kernel; False (with a warning) when it cannot be built."""
-    if os.environ.get("NNUNET_EXT_DCN_CPU_KERNEL", "1") == "0":
-        return False
-    if hasattr(torch.ops, _NAME) and hasattr(getattr(torch.ops, _NAME), "forward"):
-        return True
-    from torch.utils import cpp_extension
-    isa = torch.backends.cpu.get_cpu_capability()
-    start = time.monotonic()
-    notice = threading.Timer(3, print, ["nnunet_ext: building the deformable-convolution CPU kernel (once per "
-                                        "machine, about 25 s) ...", ], {"file": sys.stderr, "flush": True})
-    notice.start()
-    path = os.environ.get("PATH", "")
-    # the ninja that pip installed next to this interpreter, also when its environment is not activated
-    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
-    try:
-        cpp_extension.load(name=f"{_NAME}_{isa.lower()}", sources=[str(_SOURCE)],
-                           extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", *_ISA_FLAGS.get(isa, [])],
-                           extra_ldflags=["-fopenmp"],
-                           is_python_module=False, verbose=False)
-    except Exception as e:  # no compiler, no headers: the pure-PyTorch path still works
-        warnings.warn(f"nnunet_ext: could not build the deformable-convolution CPU kernel {_SOURCE} ({e}); "
-                      f"using the slower pure-PyTorch path", RuntimeWarning, stacklevel=2)
-        return False
-    finally:
-        notice.cancel()
-        os.environ["PATH"] = path
-    if time.monotonic() - start > 5:
-        print(f"nnunet_ext: built the deformable-convolution CPU kernel in {time.monotonic() - start:.0f} s "
-              f"(once per machine)", file=sys.stderr)
-    return True
+    return load_cpu_extension("deform_conv_cpu.cpp", _NAME, "deformable-convolution CPU kernel",
+                              "NNUNET_EXT_DCN_CPU_KERNEL")
 
 
 class _DeformConvCPUFunction(torch.autograd.Function):
