@@ -1,9 +1,11 @@
-"""``DepthwiseConv3d`` (2D slices on the CPU) equals ``nn.Conv3d`` with ``groups == channels``: values and gradients."""
+"""``DepthwiseConv3d`` (2D slices on the CPU) equals ``nn.Conv3d`` with ``groups == channels``, ``DepthwiseConv2d``
+(the compiled kernel) ``F.conv2d``: values and gradients."""
 import pytest
 import torch
 from torch import nn
 
-from nnunet_ext.building_blocks.depthwise import DepthwiseConv3d, depthwise_conv
+from nnunet_ext.building_blocks.depthwise import (DepthwiseConv2d, DepthwiseConv3d, _DepthwiseConv2dCPU,
+                                                  depthwise_conv, depthwise_conv_gelu)
 
 
 @pytest.mark.parametrize("kernel,padding,dilation,stride,shape", [
@@ -29,6 +31,94 @@ def test_equals_grouped_conv3d(kernel, padding, dilation, stride, shape):
 
 
 def test_factory_picks_the_module_by_dimension():
-    assert type(depthwise_conv(nn.Conv2d, 4, 5, padding=2)) is nn.Conv2d
+    conv2d = depthwise_conv(nn.Conv2d, 4, 5, padding=2)
+    assert isinstance(conv2d, DepthwiseConv2d) and conv2d.groups == 4 and conv2d.padding == (2, 2)
     conv3d = depthwise_conv(nn.Conv3d, 4, 7, padding=9, dilation=3)
     assert isinstance(conv3d, DepthwiseConv3d) and conv3d.groups == 4 and conv3d.dilation == (3, 3, 3)
+
+
+def _reference_grads(x, conv, grad):
+    """Values and (input, weight, bias) gradients of ``F.conv2d`` with ``conv``'s parameters."""
+    xr = x.detach().clone().requires_grad_()
+    w, b = conv.weight.detach().clone().requires_grad_(), conv.bias.detach().clone().requires_grad_()
+    y = nn.functional.conv2d(xr, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return (y, *torch.autograd.grad(y, (xr, w, b), grad))
+
+
+@pytest.mark.parametrize("kernel,dilation", [(3, 1), (5, 2), (7, 3), (3, 2), (9, 1)])
+@pytest.mark.parametrize("shape", [(3, 4, 9, 12), (1, 2, 2, 3), (2, 3, 1, 8), (1, 5, 17, 4)])
+def test_depthwise_conv2d_kernel_equals_grouped_conv2d(kernel, dilation, shape):
+    """The compiled kernel against ``F.conv2d`` in float64, including maps smaller than the kernel's reach."""
+    torch.manual_seed(0)
+    conv = DepthwiseConv2d(shape[1], kernel, padding=dilation * (kernel // 2), dilation=dilation).double()
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    assert conv._kernel_applies(x)
+    y = conv(x)
+    grad = torch.randn_like(y)
+    ours = (y, *torch.autograd.grad(y, (x, conv.weight, conv.bias), grad))
+    for a, b in zip(ours, _reference_grads(x, conv, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_depthwise_conv2d_kernel_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    for gelu in (False, True):
+        assert torch.autograd.gradcheck(lambda *t: _DepthwiseConv2dCPU.apply(*t, 2, gelu), (x, w, b))
+        assert torch.autograd.gradcheck(lambda *t: _DepthwiseConv2dCPU.apply(*t, None, 1, gelu), (x, w))
+
+
+def test_depthwise_conv2d_kernel_same_bits_with_1_and_2_threads():
+    """One thread per (sample, channel) plane and the weight gradient summed over the samples in order."""
+    torch.manual_seed(0)
+    conv = DepthwiseConv2d(6, 3, padding=1)
+    x = torch.randn(3, 6, 40, 70, requires_grad=True)
+    grad = torch.randn(3, 6, 40, 70)
+    threads = torch.get_num_threads()
+    for forward in (conv, conv.forward_gelu):
+        results = []
+        try:
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                y = forward(x)
+                results.append((y, *torch.autograd.grad(y, (x, conv.weight, conv.bias), grad)))
+        finally:
+            torch.set_num_threads(threads)
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kernel,dilation,shape", [(3, 1, (3, 4, 9, 12)), (7, 3, (1, 2, 5, 16))])
+def test_depthwise_conv2d_gelu_equals_gelu_of_conv2d(kernel, dilation, shape):
+    """The fused GELU: values and gradients of ``F.gelu(F.conv2d(.))`` in float64."""
+    torch.manual_seed(0)
+    conv = DepthwiseConv2d(shape[1], kernel, padding=dilation * (kernel // 2), dilation=dilation).double()
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    y = depthwise_conv_gelu(conv, x)
+    grad = torch.randn_like(y)
+    ours = (y, *torch.autograd.grad(y, (x, conv.weight, conv.bias), grad))
+    xr = x.detach().clone().requires_grad_()
+    w, b = conv.weight.detach().clone().requires_grad_(), conv.bias.detach().clone().requires_grad_()
+    yr = nn.functional.gelu(nn.functional.conv2d(xr, w, b, 1, conv.padding, conv.dilation, conv.groups))
+    theirs = (yr, *torch.autograd.grad(yr, (xr, w, b), grad))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs,shape", [
+    (dict(kernel_size=3, padding=1, stride=2), (2, 3, 9, 8)),          # strided
+    (dict(kernel_size=(1, 3), padding=(0, 1)), (1, 2, 5, 6)),          # not square
+    (dict(kernel_size=3, padding=0), (1, 2, 5, 6)),                    # not "same"
+])
+def test_depthwise_conv2d_falls_back_to_conv2d(kwargs, shape):
+    torch.manual_seed(0)
+    conv = DepthwiseConv2d(shape[1], **kwargs).double()
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    assert not conv._kernel_applies(x)
+    y = conv(x)
+    grad = torch.randn_like(y)
+    ours = (y, *torch.autograd.grad(y, (x, conv.weight, conv.bias), grad))
+    for a, b in zip(ours, _reference_grads(x, conv, grad)):
+        torch.testing.assert_close(a, b)
