@@ -36,6 +36,7 @@ from torch.nn import functional as F
 from torch.nn.modules.conv import _ConvNd
 from torch.utils.checkpoint import checkpoint
 
+from nnunet_ext.building_blocks.depthwise import depthwise_conv, depthwise_conv_gelu
 from nnunet_ext.building_blocks.pointwise import pointwise_conv
 from nnunet_ext.building_blocks.scconv import ChannelRefinement, SpatialGate
 
@@ -129,9 +130,11 @@ class _StandardGradientChunks(torch.autograd.Function):
 class FeatureInitialize(nn.Module):
     """``blocks`` FI blocks that read the same input, computed together: block ``i`` is a 1x1 conv ``in -> C``
     then a ConvMixer block, ``p + Norm(GELU(DWConv(p)))`` then ``Norm(GELU(PWConv(.)))``. The blocks' 1x1
-    projections are one ``in -> blocks * C`` conv, their depth-wise convs one depth-wise conv, their point-wise
-    convs one grouped conv (``groups = blocks``), their norms one call: the same function as ``blocks`` separate
-    blocks. ``forward`` returns ``(B, blocks * C, ...)``, block ``i`` in channels ``[i C, (i + 1) C)``.
+    projections are one ``in -> blocks * C`` conv, their depth-wise convs one depth-wise conv (``depthwise_conv``:
+    on the CPU the compiled kernel in 2D, 2D slices in 3D; a 2.4x faster forward+backward than PyTorch's at stage
+    0), their point-wise convs one grouped conv (``groups = blocks``), their norms one call: the same function as
+    ``blocks`` separate blocks. ``forward`` returns ``(B, blocks * C, ...)``, block ``i`` in channels
+    ``[i C, (i + 1) C)``.
 
     The norm is per-channel instance normalisation with an affine map (``nn.GroupNorm`` with one channel per
     group, which is ``InstanceNorm`` exactly): ConvMixer uses BatchNorm; we keep nnU-Net's default per-sample norm
@@ -144,7 +147,7 @@ class FeatureInitialize(nn.Module):
         width = blocks * channels
         self.blocks, self.channels = blocks, channels
         self.project = conv_op(in_channels, width, 1)
-        self.depthwise = conv_op(width, width, kernel_size, padding=_padding(kernel_size), groups=width)
+        self.depthwise = depthwise_conv(conv_op, width, kernel_size, padding=_padding(kernel_size))
         self.norm_depthwise = nn.GroupNorm(width, width, eps)
         self.pointwise = conv_op(width, width, 1, groups=blocks)
         self.norm_pointwise = nn.GroupNorm(width, width, eps)
@@ -153,7 +156,7 @@ class FeatureInitialize(nn.Module):
         """The ConvMixer blocks on the projected ``p``. The residual is added into the norm's output in place (the
         group norm's backward does not read its output; the same bits as ``p + norm``, one map fewer allocated):
         fwd+bwd of a 3-block group at 4 x 96 x 256^2 took 0.985x the CPU time (A/B, 14 alternating pairs, load 1.2)."""
-        p = self.norm_depthwise(F.gelu(self.depthwise(p))).add_(p)
+        p = self.norm_depthwise(depthwise_conv_gelu(self.depthwise, p)).add_(p)
         return self.norm_pointwise(F.gelu(pointwise_conv(p, self.pointwise.weight, self.pointwise.bias, self.blocks)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
