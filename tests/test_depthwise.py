@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from nnunet_ext.building_blocks.depthwise import (DepthwiseConv2d, DepthwiseConv3d, _DepthwiseConv2dCPU,
-                                                  depthwise_conv, depthwise_conv_gelu)
+                                                  depthwise_conv)
 
 
 @pytest.mark.parametrize("kernel,padding,dilation,stride,shape", [
@@ -65,9 +65,8 @@ def test_depthwise_conv2d_kernel_gradcheck():
     x = torch.randn(2, 2, 5, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(2, 1, 3, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
-    for gelu in (False, True):
-        assert torch.autograd.gradcheck(lambda *t: _DepthwiseConv2dCPU.apply(*t, 2, gelu), (x, w, b))
-        assert torch.autograd.gradcheck(lambda *t: _DepthwiseConv2dCPU.apply(*t, None, 1, gelu), (x, w))
+    assert torch.autograd.gradcheck(lambda *t: _DepthwiseConv2dCPU.apply(*t, 2), (x, w, b))
+    assert torch.autograd.gradcheck(lambda *t: _DepthwiseConv2dCPU.apply(*t, None, 1), (x, w))
 
 
 def test_depthwise_conv2d_kernel_same_bits_with_1_and_2_threads():
@@ -76,35 +75,17 @@ def test_depthwise_conv2d_kernel_same_bits_with_1_and_2_threads():
     conv = DepthwiseConv2d(6, 3, padding=1)
     x = torch.randn(3, 6, 40, 70, requires_grad=True)
     grad = torch.randn(3, 6, 40, 70)
+    results = []
     threads = torch.get_num_threads()
-    for forward in (conv, conv.forward_gelu):
-        results = []
-        try:
-            for n in (1, 2):
-                torch.set_num_threads(n)
-                y = forward(x)
-                results.append((y, *torch.autograd.grad(y, (x, conv.weight, conv.bias), grad)))
-        finally:
-            torch.set_num_threads(threads)
-        for a, b in zip(*results):
-            assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("kernel,dilation,shape", [(3, 1, (3, 4, 9, 12)), (7, 3, (1, 2, 5, 16))])
-def test_depthwise_conv2d_gelu_equals_gelu_of_conv2d(kernel, dilation, shape):
-    """The fused GELU: values and gradients of ``F.gelu(F.conv2d(.))`` in float64."""
-    torch.manual_seed(0)
-    conv = DepthwiseConv2d(shape[1], kernel, padding=dilation * (kernel // 2), dilation=dilation).double()
-    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-    y = depthwise_conv_gelu(conv, x)
-    grad = torch.randn_like(y)
-    ours = (y, *torch.autograd.grad(y, (x, conv.weight, conv.bias), grad))
-    xr = x.detach().clone().requires_grad_()
-    w, b = conv.weight.detach().clone().requires_grad_(), conv.bias.detach().clone().requires_grad_()
-    yr = nn.functional.gelu(nn.functional.conv2d(xr, w, b, 1, conv.padding, conv.dilation, conv.groups))
-    theirs = (yr, *torch.autograd.grad(yr, (xr, w, b), grad))
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            y = conv(x)
+            results.append((y, *torch.autograd.grad(y, (x, conv.weight, conv.bias), grad)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("kwargs,shape", [

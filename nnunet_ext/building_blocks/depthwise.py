@@ -41,24 +41,23 @@ def depthwise_kernel_available() -> bool:
 
 
 class _DepthwiseConv2dCPU(torch.autograd.Function):
-    """The compiled depthwise convolution, optionally followed by the GELU; saves the input, weight and bias (with
-    the GELU its input is recomputed in backward, plane by plane)."""
+    """The compiled depthwise convolution; saves the input and the weight."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, dilation, gelu):
-        ctx.save_for_backward(x, weight, bias)
-        ctx.dilation, ctx.gelu = dilation, gelu
-        return getattr(torch.ops, _NAME).forward(x, weight, bias, dilation, gelu)
+    def forward(ctx, x, weight, bias, dilation):
+        ctx.save_for_backward(x, weight)
+        ctx.dilation, ctx.has_bias = dilation, bias is not None
+        return getattr(torch.ops, _NAME).forward(x, weight, bias, dilation)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, weight, bias = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x, grad_w, grad_b = getattr(torch.ops, _NAME).backward(grad, x, weight, bias, ctx.dilation, ctx.gelu,
-                                                                   need_x, need_w, need_b and bias is not None)
+        grad_x, grad_w, grad_b = getattr(torch.ops, _NAME).backward(grad, x, weight, ctx.dilation, need_x, need_w,
+                                                                   need_b and ctx.has_bias)
         return (grad_x if need_x else None, grad_w if need_w else None,
-                grad_b if need_b and bias is not None else None, None, None)
+                grad_b if need_b and ctx.has_bias else None, None)
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -79,14 +78,7 @@ class DepthwiseConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._kernel_applies(x):
             return super().forward(x)
-        return _DepthwiseConv2dCPU.apply(x.contiguous(), self.weight, self.bias, self.dilation[0], False)
-
-    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
-        """``F.gelu(self(x))``: with the kernel, the GELU is applied to each plane right after it is computed (one
-        pass over the map instead of two) and its input is recomputed in backward instead of stored."""
-        if not self._kernel_applies(x):
-            return F.gelu(super().forward(x))
-        return _DepthwiseConv2dCPU.apply(x.contiguous(), self.weight, self.bias, self.dilation[0], True)
+        return _DepthwiseConv2dCPU.apply(x.contiguous(), self.weight, self.bias, self.dilation[0])
 
 
 class DepthwiseConv3d(nn.Conv3d):
@@ -118,8 +110,8 @@ class DepthwiseConv3d(nn.Conv3d):
 
 def depthwise_flop_formulas() -> dict:
     """``torch.utils.flop_counter`` formulas of the compiled ops (2 per multiply-add, like a convolution's):
-    forward ``2 B C H W k^2``; backward that per gradient of the input and of the weight, plus one forward with the
-    GELU (its input is recomputed). Empty when the kernel is not available."""
+    forward ``2 B C H W k^2``; backward that per gradient of the input and of the weight. Empty when the kernel is
+    not available."""
     if not depthwise_kernel_available():
         return {}
     ops = getattr(torch.ops, _NAME)
@@ -130,17 +122,9 @@ def depthwise_flop_formulas() -> dict:
     def forward(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
         return conv(x_shape, w_shape)
 
-    def backward(grad_shape, x_shape, w_shape, bias_shape, dilation, gelu, need_x, need_w, need_bias,
-                 out_shape=None, **kwargs) -> int:
-        return conv(x_shape, w_shape) * (int(need_x) + int(need_w) + int(gelu))
+    def backward(grad_shape, x_shape, w_shape, dilation, need_x, need_w, need_bias, out_shape=None, **kwargs) -> int:
+        return conv(x_shape, w_shape) * (int(need_x) + int(need_w))
     return {ops.forward: forward, ops.backward: backward}
-
-
-def depthwise_conv_gelu(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``F.gelu(conv(x))`` for a module of ``depthwise_conv``; fused on the CPU for a ``DepthwiseConv2d``."""
-    if isinstance(conv, DepthwiseConv2d):
-        return conv.forward_gelu(x)
-    return F.gelu(conv(x))
 
 
 def depthwise_conv(conv_op: Type[_ConvNd], channels: int, kernel_size, padding=0, dilation: int = 1,

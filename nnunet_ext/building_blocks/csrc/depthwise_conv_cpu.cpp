@@ -1,5 +1,5 @@
 // Depthwise 2D convolution (groups == channels, stride 1, odd k x k kernel, dilation d, "same" padding d * (k / 2))
-// on contiguous NCHW CPU tensors, optionally followed by the GELU: forward, input gradient and weight/bias gradients.
+// on contiguous NCHW CPU tensors: forward, input gradient and weight/bias gradients.
 //
 //     y[b, c, y, x] = bias[c] + sum_{i, j} w[c, i, j] x[b, c, y + (i - r) d, x + (j - r) d]      (r = k / 2, zeros
 //                                                                                                 outside the input)
@@ -8,11 +8,9 @@
 // in a separate, checked loop; 3x3, 5x5 and 7x7 kernels have their tap loops unrolled. The input gradient is the
 // same loop with the kernel rotated by 180 degrees; the weight gradient per plane is k^2 dot products of grad_out
 // with shifted rows, summed over the samples in sample order, so every result is the same for any number of
-// threads. With the GELU (at::gelu, PyTorch's own, on each plane while it is in cache) the backward recomputes the
-// GELU's input per plane instead of keeping it.
+// threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -121,14 +119,8 @@ void check(const at::Tensor& x, const at::Tensor& w, int64_t dilation) {
   TORCH_CHECK(w.scalar_type() == x.scalar_type() && dilation >= 1, "depthwise_conv_cpu: dtype / dilation");
 }
 
-// A plane of `n` elements as a tensor (for at::gelu on it: the same GELU as PyTorch's, element by element).
-template <typename scalar_t>
-at::Tensor plane_tensor(scalar_t* data, int64_t n, const at::TensorOptions& options) {
-  return at::from_blob(data, {n}, options);
-}
-
 at::Tensor forward(const at::Tensor& x_in, const at::Tensor& w_in, const c10::optional<at::Tensor>& bias_in,
-                   int64_t dilation, bool gelu) {
+                   int64_t dilation) {
   const auto x = x_in.contiguous();
   const auto w = w_in.contiguous();
   check(x, w, dilation);
@@ -137,18 +129,11 @@ at::Tensor forward(const at::Tensor& x_in, const at::Tensor& w_in, const c10::op
   const auto bias_t = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_conv_forward", [&] {
     const scalar_t* bias = bias_t.defined() ? bias_t.data_ptr<scalar_t>() : nullptr;
-    const at::ThreadLocalState tls;
     at::parallel_for(0, B * C, 1, [&](int64_t p0, int64_t p1) {
-      const at::ThreadLocalStateGuard tls_guard(tls);  // the caller's grad / inference mode in worker threads
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t c = p % C;
-        scalar_t* o = out.data_ptr<scalar_t>() + p * H * W;
         correlate(x.data_ptr<scalar_t>() + p * H * W, w.data_ptr<scalar_t>() + c * k * k,
-                  bias ? bias[c] : scalar_t(0), H, W, k, dilation, o);
-        if (gelu) {  // while the plane is in cache
-          auto t = plane_tensor(o, H * W, x.options());
-          at::gelu_(t);
-        }
+                  bias ? bias[c] : scalar_t(0), H, W, k, dilation, out.data_ptr<scalar_t>() + p * H * W);
       }
     });
   });
@@ -156,9 +141,8 @@ at::Tensor forward(const at::Tensor& x_in, const at::Tensor& w_in, const c10::op
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_in, const at::Tensor& x_in,
-                                                        const at::Tensor& w_in,
-                                                        const c10::optional<at::Tensor>& bias_in, int64_t dilation,
-                                                        bool gelu, bool need_x, bool need_w, bool need_bias) {
+                                                        const at::Tensor& w_in, int64_t dilation, bool need_x,
+                                                        bool need_w, bool need_bias) {
   const auto go = grad_in.contiguous();
   const auto x = x_in.contiguous();
   const auto w = w_in.contiguous();
@@ -168,23 +152,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_i
   at::Tensor gw_planes = need_w ? at::zeros({B, C, kk}, x.options()) : at::Tensor();
   at::Tensor gb_planes = need_bias ? at::empty({B, C}, x.options()) : at::Tensor();
   const auto w_rot = w.flip({2, 3}).contiguous();  // the input gradient correlates with the rotated kernel
-  const auto bias_t = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_conv_backward", [&] {
-    const scalar_t* bias = bias_t.defined() ? bias_t.data_ptr<scalar_t>() : nullptr;
-    const at::ThreadLocalState tls;
     at::parallel_for(0, B * C, 1, [&](int64_t p0, int64_t p1) {
-      const at::ThreadLocalStateGuard tls_guard(tls);
-      // with the GELU: its input z = conv(x) + bias recomputed per plane, then the gradient w.r.t. z in its place
-      at::Tensor z = gelu ? at::empty({H * W}, x.options()) : at::Tensor();
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t c = p % C;
         const scalar_t* g = go.data_ptr<scalar_t>() + p * H * W;
-        if (gelu) {
-          correlate(x.data_ptr<scalar_t>() + p * H * W, w.data_ptr<scalar_t>() + c * kk,
-                    bias ? bias[c] : scalar_t(0), H, W, k, dilation, z.data_ptr<scalar_t>());
-          at::gelu_backward_out(z, plane_tensor(const_cast<scalar_t*>(g), H * W, x.options()), z);
-          g = z.data_ptr<scalar_t>();
-        }
         if (need_x)
           correlate(g, w_rot.data_ptr<scalar_t>() + c * kk, scalar_t(0), H, W, k, dilation,
                     gx.data_ptr<scalar_t>() + p * H * W);
@@ -204,9 +176,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_i
 }  // namespace
 
 TORCH_LIBRARY(nnunet_ext_depthwise_conv_cpu, m) {
-  m.def("forward(Tensor input, Tensor weight, Tensor? bias, int dilation, bool gelu) -> Tensor");
-  m.def("backward(Tensor grad_out, Tensor input, Tensor weight, Tensor? bias, int dilation, bool gelu, "
-        "bool need_input, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");
+  m.def("forward(Tensor input, Tensor weight, Tensor? bias, int dilation) -> Tensor");
+  m.def("backward(Tensor grad_out, Tensor input, Tensor weight, int dilation, bool need_input, bool need_weight, "
+        "bool need_bias) -> (Tensor, Tensor, Tensor)");
   m.impl("forward", c10::DispatchKey::CPU, &forward);
   m.impl("backward", c10::DispatchKey::CPU, &backward);
 }
