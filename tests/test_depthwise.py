@@ -4,8 +4,15 @@ import pytest
 import torch
 from torch import nn
 
+from nnunet_ext.building_blocks import depthwise
 from nnunet_ext.building_blocks.depthwise import (DepthwiseConv2d, DepthwiseConv3d, _DepthwiseConv2dCPU,
                                                   depthwise_conv)
+
+
+@pytest.fixture(autouse=True)
+def kernel_on_small_maps(monkeypatch):
+    """The tests' maps are small: the kernel runs on them (in use it only runs on maps of at least ``MIN_PLANE``)."""
+    monkeypatch.setattr(depthwise, "MIN_PLANE", 1)
 
 
 @pytest.mark.parametrize("kernel,padding,dilation,stride,shape", [
@@ -103,3 +110,9 @@ def test_depthwise_conv2d_falls_back_to_conv2d(kwargs, shape):
     ours = (y, *torch.autograd.grad(y, (x, conv.weight, conv.bias), grad))
     for a, b in zip(ours, _reference_grads(x, conv, grad)):
         torch.testing.assert_close(a, b)
+
+
+def test_small_maps_go_to_conv2d(monkeypatch):
+    monkeypatch.setattr(depthwise, "MIN_PLANE", 64 * 64)
+    conv = DepthwiseConv2d(4, 3, padding=1)
+    assert conv._kernel_applies(torch.randn(1, 4, 64, 64)) and not conv._kernel_applies(torch.randn(1, 4, 32, 64))

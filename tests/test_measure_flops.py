@@ -1,10 +1,18 @@
 """``measure.flops``: convolutions counted with their groups in backward, the compiled depthwise ops like the
 convolutions they replace."""
+import pytest
 import torch
 import torch.nn.functional as F
 
+from nnunet_ext.building_blocks import depthwise
 from nnunet_ext.building_blocks.depthwise import DepthwiseConv2d
 from nnunet_ext.evaluation.measure import flops
+
+
+@pytest.fixture(autouse=True)
+def kernel_on_small_maps(monkeypatch):
+    """The tests' maps are small: the kernel runs on them (in use it only runs on maps of at least ``MIN_PLANE``)."""
+    monkeypatch.setattr(depthwise, "MIN_PLANE", 1)
 
 
 def _forward_flops(x: torch.Tensor, w: torch.Tensor) -> int:
