@@ -903,14 +903,26 @@ def raise_if_interrupted() -> None:
 
 @contextlib.contextmanager
 def handle_signals() -> Iterator[None]:
-    """Turn SIGINT, SIGTERM and SIGHUP into :class:`Interrupted` in the main thread while converting."""
+    """Turn SIGINT, SIGTERM and SIGHUP into :class:`Interrupted` in the main thread while converting.
+
+    An :class:`Interrupted` that Python swallows inside a ``__del__`` is not printed as "Exception ignored"
+    with a traceback: it is remembered and raised again by :func:`raise_if_interrupted`. Every other
+    unraisable exception still goes to the previous ``sys.unraisablehook``."""
+    previous_hook = sys.unraisablehook
+
+    def hide_swallowed_interruption(unraisable: object) -> None:
+        if not isinstance(unraisable.exc_value, Interrupted):
+            previous_hook(unraisable)
+
     _received_signals.clear()
     previous = {s: signal.signal(s, _raise_interrupted) for s in HANDLED_SIGNALS}
+    sys.unraisablehook = hide_swallowed_interruption
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        sys.unraisablehook = previous_hook
         _received_signals.clear()
 
 

@@ -507,10 +507,15 @@ def test_write_dataset_refuses_repeated_case_ids_and_bad_process_count(tmp_path:
     assert not (tmp_path / "raw").exists()
 
 
-def test_a_signal_swallowed_by_a_destructor_still_stops_publishing(tmp_path: Path):
+def test_a_signal_swallowed_by_a_destructor_still_stops_publishing(tmp_path: Path, monkeypatch):
     """Python ignores an exception raised while a ``__del__`` runs (seen with nibabel's during garbage collection:
-    a SIGINT was lost and the dataset published); the toolkit remembers the signal and raises it before publishing."""
+    a SIGINT was lost and the dataset published); the toolkit remembers the signal and raises it before publishing,
+    without printing the swallowed exception's traceback (CI saw one in a converter's stderr)."""
     import signal
+    import sys
+
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
 
     class SignalsWhileDeleted:
         def __del__(self):
@@ -524,3 +529,22 @@ def test_a_signal_swallowed_by_a_destructor_still_stops_publishing(tmp_path: Pat
             del deleted
     assert interruption.value.signum == signal.SIGTERM
     assert list(tmp_path.iterdir()) == []  # nothing published, the temporary folder removed
+    assert reported == []  # Python printed nothing
+    assert sys.unraisablehook == reported.append  # the previous hook restored
+
+
+def test_other_unraisable_exceptions_still_reach_the_previous_hook(monkeypatch):
+    """Only the swallowed :class:`Interrupted` is hidden while converting; other destructor errors are reported."""
+    import sys
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: seen.append(type(unraisable.exc_value)))
+
+    class FailsWhileDeleted:
+        def __del__(self):
+            raise ValueError("broken destructor")
+
+    with common.handle_signals():
+        failing = FailsWhileDeleted()
+        del failing
+    assert seen == [ValueError]
