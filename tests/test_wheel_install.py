@@ -77,3 +77,12 @@ def test_train_and_predict_with_the_wheel(wheel_venv, demo_run, tmp_path):
         "-npp", 1, "-nps", 1, env=env)
     assert sorted(p.name for p in predictions.glob("*.nii.gz")) == \
         sorted(p.name.replace("_0000", "") for p in (demo_run.workdir / "validation_images").glob("*.nii.gz"))
+
+
+def test_the_kernel_sources_are_installed(wheel_venv):
+    """The compiled CPU kernels build on first use from their sources and shared headers in the installed package."""
+    script = ("import nnunet_ext.building_blocks.cpu_extension as c\n"
+              "print(' '.join(sorted(p.name for p in c.CSRC.iterdir())))")
+    installed = run(wheel_venv / "bin" / "python", "-c", script).stdout.split()
+    csrc = REPOSITORY / "nnunet_ext" / "building_blocks" / "csrc"
+    assert installed == sorted(p.name for p in csrc.iterdir() if p.suffix in (".cpp", ".h"))

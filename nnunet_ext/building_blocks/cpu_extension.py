@@ -9,6 +9,7 @@ pure-PyTorch path. An environment variable per kernel (``=0``) turns it off.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sys
 import threading
@@ -23,6 +24,15 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 _ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
                          "-mprefer-vector-width=512"],
               "AVX2": ["-mavx2", "-mfma"]}
+
+
+def _headers_digest() -> str:
+    """A digest of the shared headers ``csrc/*.h``: part of every kernel's build name, so that a changed header
+    rebuilds the kernels including it (``torch.utils.cpp_extension.load`` only tracks the sources' contents)."""
+    digest = hashlib.sha1()
+    for header in sorted(CSRC.glob("*.h")):
+        digest.update(header.name.encode() + header.read_bytes())
+    return digest.hexdigest()[:8]
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,7 +55,7 @@ def load_cpu_extension(source: str, namespace: str, description: str, disable_va
     # the ninja that pip installed next to this interpreter, also when its environment is not activated
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
     try:
-        cpp_extension.load(name=f"{namespace}_{isa.lower()}", sources=[str(path_to_source)],
+        cpp_extension.load(name=f"{namespace}_{isa.lower()}_{_headers_digest()}", sources=[str(path_to_source)],
                            extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", *_ISA_FLAGS.get(isa, [])],
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no headers: the pure-PyTorch path still works
