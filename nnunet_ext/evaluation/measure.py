@@ -171,9 +171,11 @@ def flops(fn: Callable[[], Any]) -> int:
     convolution's ops counted like the convolutions they are."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from nnunet_ext.building_blocks.convmixer_depthwise import convmixer_flop_formulas
     from nnunet_ext.building_blocks.depthwise import depthwise_flop_formulas
     counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop,
-                                                             **depthwise_flop_formulas()})
+                                                             **depthwise_flop_formulas(),
+                                                             **convmixer_flop_formulas()})
     with counter:
         fn()
     return int(counter.get_total_flops())
