@@ -262,3 +262,36 @@ def test_relayout_functions_are_identities_with_the_stated_layouts(dim):
         copy = _relayout(sliced, channels_last)
         assert torch.equal(copy, sliced)
         assert (copy.movedim(1, -1) if channels_last else copy).is_contiguous()
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_recomputing_scrm_keeps_attention_and_conv_outputs(dim):
+    """The selective recomputation runs the attention and the dense/grouped convolutions once, as an SCRM that stores
+    everything does, and recomputes the rest (the Spatial Gate's group norm runs twice)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts[func] += 1
+            return func(*args, **(kwargs or {}))
+
+    conv_op = (nn.Conv2d, nn.Conv3d)[dim - 2]
+    counts = {}
+    for recompute in (True, False):
+        torch.manual_seed(0)
+        scrm = SCRM(conv_op, 8, 3, heads=2, window_size=4, recompute=recompute).train()
+        x = torch.randn(1, 8, *([8] * dim), requires_grad=True)
+        with CountOps() as mode:
+            scrm(x).sum().backward()
+        counts[recompute] = mode.counts
+    aten = torch.ops.aten
+    attention = [op for op in counts[False] if "scaled_dot_product" in str(op) and "backward" not in str(op)]
+    assert attention and all(counts[True][op] == counts[False][op] for op in attention)
+    assert counts[True][aten.convolution.default] == counts[False][aten.convolution.default] > 0
+    assert counts[True][aten.native_group_norm.default] == 2 * counts[False][aten.native_group_norm.default]
