@@ -67,3 +67,4 @@ def test_dynamic_loss_weights_change_in_the_training_log(planned_dataset):
     assert len(logged) == QUICK_SCHEDULE.epochs
     np.testing.assert_allclose(logged, expected, atol=5e-5)  # logged with 4 decimals
     assert logged[0] != logged[1]  # (1.0000, 0.7000) at the first epoch, (0.6500, 0.8500) at the midpoint
+    assert "CPU training: freed memory is kept for reuse" in log  # nnUNetExtTrainer on the CPU
