@@ -4,18 +4,23 @@
                                 [--stored] [--write-readme]
 
 Both networks are built by their trainers' ``build_network_architecture`` (``nnUNetTrainer``,
-``nnUNetTrainerSCRNet``: SCRM parts recomputed in the backward pass at the large stages, the trainer's default;
+``nnUNetTrainerSCRNet``: SCRM parts recomputed in the backward pass at the large stages, except the outputs of the
+attention and of the dense/grouped convolutions, which are kept (the trainer's default);
 with ``--stored`` also SCRNet storing every activation, ``checkpoint_scrm=False``) from nnU-Net's 2D topology for
 ``--patch`` (widths 32..512).
 
 1. Cost table. Training-step time: both networks in ONE fresh process, a warm-up step each, then ``--repeats``
    steps alternating between the networks (both under the same load), median wall time and median CPU time of
-   this process (all threads), ratios to nnU-Net's. Each network in its own fresh process: parameters,
+   this process (all threads), ratios to nnU-Net's. On the CPU every measuring process first makes glibc keep freed
+   memory for reuse (``nnunet_ext.training.cpu_memory.keep_freed_memory``, which ``nnUNetExtTrainer`` sets when it
+   trains on the CPU), for both networks; one more fresh process times the steps with glibc's defaults (a row of
+   its own). Each network in its own fresh process: parameters,
    forward+backward FLOPs (convolutions and matmuls, counted on one sample and multiplied by the batch, which is
    exact for them), peak tensor memory and peak RSS of one training step, sliding-window patches per second.
 2. The attention: its FLOPs in SCRNet's training step by formula (``torch.utils.flop_counter`` has no formula for
    the CPU flash-attention kernel; per attention ``2 * 2 * N * T * C`` forward for ``N`` pixels, ``T`` tokens per
-   window, ``C`` channels, backward twice that, plus the recomputed forward where the SCRM recomputes), and the
+   window, ``C`` channels, backward twice that; a recomputing SCRM keeps the attention's output, so it is not
+   computed again), and the
    median forward+backward time and peak memory of the two CCAPMs' ``WindowCrossAttention`` of every stage,
    measured alone on that stage's query/key/value shapes, as a share of SCRNet's step time.
 The paper gives no parameter count (nor widths or depth), so there is none to compare with.
@@ -35,6 +40,7 @@ from benchmarks.readme_results import add_write_readme_argument, write_results
 from nnunet_ext.evaluation.cost import BASELINE, build_network, set_deep_supervision
 from nnunet_ext.evaluation.measure import (count_parameters, flops, fmt_bytes, make_inference_step, make_train_step,
                                            median_time, peak_memory, run_in_fresh_process, throughput)
+from nnunet_ext.training.cpu_memory import keep_freed_memory
 
 TRAINER = "nnUNetTrainerSCRNet"
 STORED = "SCRNet, SCRMs stored"
@@ -61,6 +67,8 @@ def build(name: str, patch, batch):
 
 def measure_costs(name: str, patch, batch, device, repeats) -> dict:
     """Parameters, FLOPs, peak memory and inference throughput of one network (call in a fresh process)."""
+    if device == "cpu":
+        keep_freed_memory()
     model = build(name, patch, batch).to(device)
     x = torch.randn(batch, 1, *patch, device=device)
     memory = peak_memory(make_train_step(model, x), device)
@@ -71,8 +79,11 @@ def measure_costs(name: str, patch, batch, device, repeats) -> dict:
     return result
 
 
-def interleaved_step_times(names, patch, batch, device, repeats) -> dict:
-    """``{name: (median wall s, median CPU s)}`` of training steps alternating between the networks."""
+def interleaved_step_times(names, patch, batch, device, repeats, keep_memory: bool = True) -> dict:
+    """``{name: (median wall s, median CPU s)}`` of training steps alternating between the networks (call in a fresh
+    process; ``keep_memory``: on the CPU, with ``keep_freed_memory``)."""
+    if device == "cpu" and keep_memory:
+        keep_freed_memory()
     x = torch.randn(batch, 1, *patch, device=device)
     steps = {name: make_train_step(build(name, patch, batch).to(device), x) for name in names}
     for step in steps.values():
@@ -96,7 +107,6 @@ def attention_share(patch, batch, window, device, repeats) -> dict:
     for scrm, stride in zip(model.scrms, model.strides):
         size = [s // st for s, st in zip(size, stride)]
         channels = scrm.fam.fi_high.channels
-        recomputed = scrm.recompute and channels * math.prod(size) >= scrm.recompute_min_elements
         attention = WindowCrossAttention(scrm.fam.ccapm_high.attention.heads, window)
         qkv = [torch.randn(batch, channels, *size, device=device, requires_grad=True) for _ in range(3)]
 
@@ -105,8 +115,8 @@ def attention_share(patch, batch, window, device, repeats) -> dict:
         memory = peak_memory(attention_step, device)
         tokens = window_sizes(size, window)
         forward = 4 * batch * math.prod(size) * math.prod(tokens) * channels
-        attention_flops += 2 * (4 if recomputed else 3) * forward  # 2 CCAPMs x (fwd [+ recomputed fwd] + bwd)
-        stages.append({"size": size, "channels": channels, "windows": tokens, "recomputed": recomputed,
+        attention_flops += 2 * 3 * forward  # 2 CCAPMs x (fwd + bwd)
+        stages.append({"size": size, "channels": channels, "windows": tokens,
                        "time_s": 2 * median_time(attention_step, repeats=repeats, device=device),
                        "memory": memory.bytes})
     return {"sdpa_flops": attention_flops, "stages": stages}
@@ -116,6 +126,7 @@ ROWS = (("parameters", "parameters", lambda v: f"{v:,}"),
         ("fwd+bwd GFLOPs (convs, matmuls)", "flops", lambda v: f"{v / 1e9:.1f}"),
         ("training step, median wall (s)", "wall_s", lambda v: f"{v:.2f}"),
         ("training step, median CPU (s)", "cpu_s", lambda v: f"{v:.2f}"),
+        ("training step, median wall, glibc malloc defaults (s)", "wall_default_s", lambda v: f"{v:.2f}"),
         ("peak tensor memory of a step", "memory", fmt_bytes),
         ("peak RSS of a step", "rss", fmt_bytes),
         ("sliding-window patches/s", "patches_per_s", lambda v: f"{v:.2f}"))
@@ -145,11 +156,11 @@ def attention_markdown(share: dict, total_flops: float, step_s: float) -> str:
     lines = [f"Windowed attention: {share['sdpa_flops'] / 1e9:.1f} of {total_flops / 1e9:.1f} training-step GFLOPs "
              f"({100 * share['sdpa_flops'] / total_flops:.1f}%, attention by formula). Measured alone per stage "
              "(forward + backward of the two CCAPMs' attentions on the stage's shapes):", "",
-             "| stage size | channels | window | recomputed | 2x attention fwd+bwd (s) | peak (one) |",
-             "|---|---|---|---|---|---|"]
+             "| stage size | channels | window | 2x attention fwd+bwd (s) | peak (one) |",
+             "|---|---|---|---|---|"]
     for s in share["stages"]:
         lines.append(f"| {'x'.join(map(str, s['size']))} | {s['channels']} | {'x'.join(map(str, s['windows']))} | "
-                     f"{'yes' if s['recomputed'] else 'no'} | {s['time_s']:.3f} | {fmt_bytes(s['memory'])} |")
+                     f"{s['time_s']:.3f} | {fmt_bytes(s['memory'])} |")
     total = sum(s["time_s"] for s in share["stages"])
     lines += ["", f"Attention alone, all stages: {total:.2f} s = {100 * total / step_s:.1f}% of SCRNet's median "
                   f"training-step wall time ({step_s:.2f} s, table above; measured separately, under the same load "
@@ -173,6 +184,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     header = (f"device {args.device}, {torch.get_num_threads()} threads, 2d, patch {args.patch}, batch {args.batch}, "
               f"1 input channel, 2 classes; nnU-Net's 2D topology for the patch (widths 32..512)")
+    if args.device == "cpu":
+        header += ("; both networks with freed memory kept for reuse (keep_freed_memory, as nnunet_ext's trainers "
+                   "train on the CPU) except in the glibc-defaults row")
     print(header, flush=True)
     names = [BASELINE, TRAINER] + ([STORED] if args.stored else [])
     loads = [os.getloadavg()[0]]
@@ -183,6 +197,12 @@ def main(argv=None) -> None:
     loads.append(os.getloadavg()[0])
     for name, (wall, cpu) in times.items():
         results[name].update(wall_s=wall, cpu_s=cpu)
+    if args.device == "cpu":
+        defaults = run_in_fresh_process(interleaved_step_times, names, args.patch, args.batch, args.device,
+                                        args.repeats, keep_memory=False)
+        loads.append(os.getloadavg()[0])
+        for name, (wall, _) in defaults.items():
+            results[name]["wall_default_s"] = wall
     table = cost_markdown(results)
     print(table, flush=True)
     share = run_in_fresh_process(attention_share, args.patch, args.batch, args.window, args.device, args.repeats)
@@ -190,8 +210,9 @@ def main(argv=None) -> None:
     total_flops = results[TRAINER]["flops"] + share["sdpa_flops"]
     attention = attention_markdown(share, total_flops, results[TRAINER]["wall_s"])
     print(attention)
-    load_line = ("1-minute load average " + ", ".join(f"{v:.1f}" for v in loads)
-                 + " (start, after the per-network measurements, after the step times, at the end)")
+    load_line = ("1-minute load average " + ", ".join(f"{v:.1f}" for v in loads) + " (start, after the per-network "
+                 "measurements, after the step times" + (", after the glibc-defaults step times" if
+                                                        args.device == "cpu" else "") + ", at the end)")
     print(load_line)
     if args.write_readme:
         write_results("scrnet-cost", "\n\n".join([header + f"; step times from {args.repeats} alternating "
