@@ -12,13 +12,13 @@ the CPU and calls ``nn.Conv3d`` (cuDNN) on other devices. Both give the same res
 
 ``DepthwiseConv2d`` is an ``nn.Conv2d`` that runs the compiled kernel ``csrc/depthwise_conv_cpu.cpp`` on the CPU for
 stride 1, a square odd kernel and "same" padding (``dilation * (k // 2)``), float32/float64, maps of at least
-``MIN_PLANE`` pixels: PyTorch's (oneDNN's)
-depthwise kernels on standard-layout maps run at 2-3 GFLOP/s. Measured with 2 threads, 3x3, batch 4, forward +
-backward (input, weight and bias gradients): 96 channels at 256^2 229.6 -> 97.0 ms, 192 at 128^2 114.1 -> 54.5 ms,
-384 at 64^2 37.0 -> 20.6 ms (forward alone 81.6 -> 40.2, 40.6 -> 22.5, 15.8 -> 6.0 ms). One thread computes a whole
-(sample, channel) plane and the weight gradient is summed over the samples in order, so the results do not depend
-on the thread count. Other shapes, devices and dtypes, or ``NNUNET_EXT_DEPTHWISE_CPU_KERNEL=0``, or no C++ compiler:
-``nn.Conv2d``. Both give the same result up to float rounding (tested).
+``MIN_PLANE`` pixels: PyTorch's (oneDNN's) depthwise kernels on standard-layout maps run at 2-3 GFLOP/s. Measured
+with 2 threads, 3x3, batch 4, forward + backward (input, weight and bias gradients): 96 channels at 256^2 229.6 ->
+97.0 ms, 192 at 128^2 114.1 -> 54.5 ms, 384 at 64^2 37.0 -> 20.6 ms (forward alone 81.6 -> 40.2, 40.6 -> 22.5,
+15.8 -> 6.0 ms). One thread computes a whole (sample, channel) plane and the weight gradient is summed over the
+samples in order, so the results do not depend on the thread count. Other shapes, devices and dtypes, or
+``NNUNET_EXT_DEPTHWISE_CPU_KERNEL=0``, or no C++ compiler: ``nn.Conv2d``. Both give the same result up to float
+rounding (tested).
 """
 import math
 from typing import Type
