@@ -11,12 +11,12 @@ with ``--stored`` also SCRNet storing every activation, ``checkpoint_scrm=False`
 
 1. Cost table. Training-step time: both networks in ONE fresh process, a warm-up step each, then ``--repeats``
    steps alternating between the networks (both under the same load), median wall time and median CPU time of
-   this process (all threads), ratios to nnU-Net's. On the CPU every measuring process first makes glibc keep freed
-   memory for reuse (``nnunet_ext.training.cpu_memory.keep_freed_memory``, which ``nnUNetExtTrainer`` sets when it
-   trains on the CPU), for both networks; one more fresh process times the steps with glibc's defaults (a row of
-   its own). Each network in its own fresh process: parameters,
-   forward+backward FLOPs (convolutions and matmuls, counted on one sample and multiplied by the batch, which is
-   exact for them), peak tensor memory and peak RSS of one training step, sliding-window patches per second.
+   this process (all threads), ratios to nnU-Net's. Every measuring process first makes glibc keep freed memory for
+   reuse (``run_in_fresh_process``: ``keep_freed_memory``, as ``nnUNetExtTrainer`` does when it trains on the CPU),
+   for both networks; on the CPU one more fresh process times the steps with glibc's defaults (a row of its own).
+   Each network in its own fresh process: parameters, forward+backward FLOPs (convolutions and matmuls, counted on
+   one sample and multiplied by the batch, which is exact for them), peak tensor memory and peak RSS of one
+   training step, sliding-window patches per second.
 2. The attention: its FLOPs in SCRNet's training step by formula (``torch.utils.flop_counter`` has no formula for
    the CPU flash-attention kernel; per attention ``2 * 2 * N * T * C`` forward for ``N`` pixels, ``T`` tokens per
    window, ``C`` channels, backward twice that; a recomputing SCRM keeps the attention's output, so it is not
@@ -40,7 +40,6 @@ from benchmarks.readme_results import add_write_readme_argument, write_results
 from nnunet_ext.evaluation.cost import BASELINE, build_network, set_deep_supervision
 from nnunet_ext.evaluation.measure import (count_parameters, flops, fmt_bytes, make_inference_step, make_train_step,
                                            median_time, peak_memory, run_in_fresh_process, throughput)
-from nnunet_ext.training.cpu_memory import keep_freed_memory
 
 TRAINER = "nnUNetTrainerSCRNet"
 STORED = "SCRNet, SCRMs stored"
@@ -67,8 +66,6 @@ def build(name: str, patch, batch):
 
 def measure_costs(name: str, patch, batch, device, repeats) -> dict:
     """Parameters, FLOPs, peak memory and inference throughput of one network (call in a fresh process)."""
-    if device == "cpu":
-        keep_freed_memory()
     model = build(name, patch, batch).to(device)
     x = torch.randn(batch, 1, *patch, device=device)
     memory = peak_memory(make_train_step(model, x), device)
@@ -79,11 +76,8 @@ def measure_costs(name: str, patch, batch, device, repeats) -> dict:
     return result
 
 
-def interleaved_step_times(names, patch, batch, device, repeats, keep_memory: bool = True) -> dict:
-    """``{name: (median wall s, median CPU s)}`` of training steps alternating between the networks (call in a fresh
-    process; ``keep_memory``: on the CPU, with ``keep_freed_memory``)."""
-    if device == "cpu" and keep_memory:
-        keep_freed_memory()
+def interleaved_step_times(names, patch, batch, device, repeats) -> dict:
+    """``{name: (median wall s, median CPU s)}`` of training steps alternating between the networks."""
     x = torch.randn(batch, 1, *patch, device=device)
     steps = {name: make_train_step(build(name, patch, batch).to(device), x) for name in names}
     for step in steps.values():

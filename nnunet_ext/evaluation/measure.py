@@ -40,10 +40,13 @@ API (all functions take plain callables, so they work for any network or op):
           valid in a fresh process). This includes what the tensor count misses (oneDNN/MKL scratch,
           malloc fragmentation and cached free memory), so it is >= the tensor peak and depends on the
           allocator's history: measure in a fresh process (``run_in_fresh_process``).
-    run_in_fresh_process(target, *args, **kwargs) -> result
+    run_in_fresh_process(target, *args, keep_memory=True, **kwargs) -> result
         runs ``target(*args, **kwargs)`` in a newly spawned Python process and returns its (picklable)
         result; use it to isolate memory measurements from each other. ``target`` must be importable
         (a top-level function of a module or of a script guarded by ``if __name__ == "__main__"``).
+        ``keep_memory``: the process first makes glibc keep freed memory for reuse
+        (``nnunet_ext.training.cpu_memory.keep_freed_memory``), as ``nnunet_ext``'s trainers do when they
+        train on the CPU; ``False`` measures with glibc's defaults.
     fmt_bytes(n) -> str
 
 Typical use (one case per fresh process):
@@ -253,9 +256,10 @@ def peak_memory(fn: Callable[[], Any], device=None) -> PeakMemory:
     return PeakMemory(_profiler_tensor_peak(fn), tensor_method, rss, rss_method)
 
 
-def run_in_fresh_process(target: Callable, *args, **kwargs):
+def run_in_fresh_process(target: Callable, *args, keep_memory: bool = True, **kwargs):
+    from nnunet_ext.training.cpu_memory import keep_freed_memory
     ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
+    with ctx.Pool(1, initializer=keep_freed_memory if keep_memory else None) as pool:
         return pool.apply(target, args, kwargs)
 
 
