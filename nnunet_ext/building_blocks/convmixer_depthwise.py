@@ -17,15 +17,13 @@ least ``gelu_norm.MIN_PLANE`` elements: the GELU is PyTorch's, called per plane)
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from nnunet_ext.building_blocks import gelu_norm
 from nnunet_ext.building_blocks.cpu_extension import load_cpu_extension
-from nnunet_ext.building_blocks.depthwise import DepthwiseConv2d
+from nnunet_ext.building_blocks.depthwise import DepthwiseConv2d, depthwise_conv_flops
 from nnunet_ext.building_blocks.gelu_norm import gelu_group_norm
 
 _NAME = "nnunet_ext_convmixer_depthwise_cpu"  # the ops' namespace (torch.ops.<_NAME>)
@@ -52,21 +50,18 @@ class _ConvMixerDepthwiseCPU(torch.autograd.Function):
 
 
 def convmixer_flop_formulas() -> dict:
-    """``torch.utils.flop_counter`` formulas of the compiled ops, counting their depthwise convolutions (2 per
-    multiply-add, like a convolution's): forward ``2 B C H W k^2``; backward three times that (the recomputed conv,
+    """``torch.utils.flop_counter`` formulas of the compiled ops, counting their depthwise convolutions
+    (``depthwise_conv_flops``): forward one pass; backward three (the recomputed conv,
     the input gradient and the weight gradient). Empty when the kernel is not available."""
     if not convmixer_kernel_available():
         return {}
     ops = getattr(torch.ops, _NAME)
 
-    def conv(x_shape, w_shape) -> int:
-        return 2 * math.prod(x_shape) * math.prod(w_shape[2:])
-
     def forward(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-        return conv(x_shape, w_shape)
+        return depthwise_conv_flops(x_shape, w_shape)
 
     def backward(grad_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-        return 3 * conv(x_shape, w_shape)
+        return 3 * depthwise_conv_flops(x_shape, w_shape)
     return {ops.forward: forward, ops.backward: backward}
 
 

@@ -115,6 +115,12 @@ class DepthwiseConv3d(nn.Conv3d):
         return out.contiguous()
 
 
+def depthwise_conv_flops(x_shape, w_shape) -> int:
+    """Floating-point operations of one depthwise convolution pass, 2 per multiply-add like a convolution's:
+    ``2 B C H W k^2`` for an input ``(B, C, H, W)`` and a weight ``(C, 1, k, k)``."""
+    return 2 * math.prod(x_shape) * math.prod(w_shape[2:])
+
+
 def depthwise_flop_formulas() -> dict:
     """``torch.utils.flop_counter`` formulas of the compiled ops (2 per multiply-add, like a convolution's):
     forward ``2 B C H W k^2``; backward that per gradient of the input and of the weight. Empty when the kernel is
@@ -123,14 +129,11 @@ def depthwise_flop_formulas() -> dict:
         return {}
     ops = getattr(torch.ops, _NAME)
 
-    def conv(x_shape, w_shape) -> int:
-        return 2 * math.prod(x_shape) * math.prod(w_shape[2:])
-
     def forward(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-        return conv(x_shape, w_shape)
+        return depthwise_conv_flops(x_shape, w_shape)
 
     def backward(grad_shape, x_shape, w_shape, dilation, need_x, need_w, need_bias, out_shape=None, **kwargs) -> int:
-        return conv(x_shape, w_shape) * (int(need_x) + int(need_w))
+        return depthwise_conv_flops(x_shape, w_shape) * (int(need_x) + int(need_w))
     return {ops.forward: forward, ops.backward: backward}
 
 

@@ -18,7 +18,6 @@ network 0.55 million faults and 2.2 s -> 0-49 thousand and 1.8 s (``benchmarks/s
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 
@@ -35,5 +34,5 @@ def keep_freed_memory() -> bool:
     library or ``NNUNET_EXT_KEEP_FREED_MEMORY=0``."""
     if os.environ.get(DISABLE_VARIABLE, "1") == "0" or platform.libc_ver()[0] != "glibc":
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc = ctypes.CDLL(None)  # the process's own symbols: glibc's mallopt, without searching for the library
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, _INT_MAX))

@@ -48,14 +48,11 @@ void add_into(scalar_t* __restrict__ out, const scalar_t* __restrict__ g, int64_
 
 void check(const at::Tensor& p, const at::Tensor& w, const at::Tensor& gamma, const at::Tensor& beta,
            int64_t dilation) {
-  TORCH_CHECK(p.device().is_cpu() && p.dim() == 4, "convmixer_depthwise_cpu: NCHW CPU input");
+  nnunet_ext_depthwise::check_input_and_weight(p, w, dilation, "convmixer_depthwise_cpu");
   const int64_t C = p.size(1);
-  TORCH_CHECK(w.dim() == 4 && w.size(0) == C && w.size(1) == 1 && w.size(2) == w.size(3) && w.size(2) % 2 == 1,
-              "convmixer_depthwise_cpu: weight must be (C, 1, k, k) with odd k");
-  TORCH_CHECK(gamma.numel() == C && beta.numel() == C, "convmixer_depthwise_cpu: one gamma and beta per channel");
-  TORCH_CHECK(w.scalar_type() == p.scalar_type() && gamma.scalar_type() == p.scalar_type() &&
-                  beta.scalar_type() == p.scalar_type() && dilation >= 1,
-              "convmixer_depthwise_cpu: dtypes / dilation");
+  TORCH_CHECK(gamma.numel() == C && beta.numel() == C && gamma.scalar_type() == p.scalar_type() &&
+                  beta.scalar_type() == p.scalar_type(),
+              "convmixer_depthwise_cpu: one gamma and beta per channel, in the input's dtype");
 }
 
 at::Tensor forward(const at::Tensor& p_in, const at::Tensor& w_in, const at::Tensor& bias_in,

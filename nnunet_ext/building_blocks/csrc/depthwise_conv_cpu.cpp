@@ -20,10 +20,7 @@ using nnunet_ext_depthwise::plane_sum;
 using nnunet_ext_depthwise::weight_grad_plane;
 
 void check(const at::Tensor& x, const at::Tensor& w, int64_t dilation) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.is_contiguous(), "depthwise_conv_cpu: contiguous NCHW CPU input");
-  TORCH_CHECK(w.dim() == 4 && w.size(0) == x.size(1) && w.size(1) == 1 && w.size(2) == w.size(3) && w.size(2) % 2 == 1,
-              "depthwise_conv_cpu: weight must be (C, 1, k, k) with odd k");
-  TORCH_CHECK(w.scalar_type() == x.scalar_type() && dilation >= 1, "depthwise_conv_cpu: dtype / dilation");
+  nnunet_ext_depthwise::check_input_and_weight(x, w, dilation, "depthwise_conv_cpu");
 }
 
 at::Tensor forward(const at::Tensor& x_in, const at::Tensor& w_in, const c10::optional<at::Tensor>& bias_in,

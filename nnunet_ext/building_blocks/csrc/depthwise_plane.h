@@ -9,10 +9,21 @@
 // the weight gradient per plane is k^2 dot products of grad_out with shifted rows.
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <algorithm>
 #include <cstdint>
 
 namespace nnunet_ext_depthwise {
+
+// The arguments of a depthwise op named `op`: a contiguous NCHW CPU input x, a (C, 1, k, k) weight with odd k in
+// x's dtype, dilation >= 1.
+inline void check_input_and_weight(const at::Tensor& x, const at::Tensor& w, int64_t dilation, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.is_contiguous(), op, ": contiguous NCHW CPU input");
+  TORCH_CHECK(w.dim() == 4 && w.size(0) == x.size(1) && w.size(1) == 1 && w.size(2) == w.size(3) && w.size(2) % 2 == 1,
+              op, ": weight must be (C, 1, k, k) with odd k");
+  TORCH_CHECK(w.scalar_type() == x.scalar_type() && dilation >= 1, op, ": dtype / dilation");
+}
 
 constexpr int kBlock = 64;  // output columns accumulated in registers
 
