@@ -1,4 +1,5 @@
 """Shared pytest fixtures."""
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -54,6 +55,14 @@ class DemoRun:
 
 
 DEMO_DATASET_ID = 501
+
+TRAINING_THREADS = {"nnUNet_def_n_proc": str(multiprocessing.cpu_count())}
+"""Environment for an ``nnUNetv2_predict`` that must reproduce a final validation bit for bit. ``nnUNetv2_train`` runs
+the network with one thread per core (``multiprocessing.cpu_count()``, also in its final validation), while
+``nnUNetv2_predict`` runs it with ``min(nnUNet_def_n_proc, cores)`` (``predict_logits_from_preprocessed_data``), and
+the test environments set ``nnUNet_def_n_proc=1``. oneDNN's convolutions sum in an order that depends on the thread
+count: on the demo's DPC-Net, probabilities at 1 thread differed from the final validation's by up to 2e-4 (enough to
+flip a voxel near a tie), and at the training's thread count they were identical."""
 
 
 @pytest.fixture(scope="session")
@@ -123,7 +132,11 @@ class PlannedDataset:
 
     def run(self, *command) -> subprocess.CompletedProcess:
         """Run a command in a new process with this dataset's nnU-Net environment; it must succeed."""
-        result = subprocess.run([str(c) for c in command], env=self.env, capture_output=True, text=True)
+        return self.run_with({}, *command)
+
+    def run_with(self, env: dict, *command) -> subprocess.CompletedProcess:
+        """``run`` with some variables of the environment replaced."""
+        result = subprocess.run([str(c) for c in command], env={**self.env, **env}, capture_output=True, text=True)
         assert result.returncode == 0, f"{command[0]} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
         return result
 

@@ -11,7 +11,7 @@ import torch
 
 from nnunet_ext.losses.schedules import DynamicLossSchedule
 from nnunet_ext.training.base import QUICK_SCHEDULE
-from tests.conftest import nnunet_command
+from tests.conftest import TRAINING_THREADS, nnunet_command
 
 DATASET = "synapse"
 
@@ -40,8 +40,9 @@ def test_train_predict_evaluate(planned_dataset, tmp_path):
         for image in (dataset.raw / "imagesTr").glob(f"{case_id}_[0-9][0-9][0-9][0-9]{file_ending}"):
             shutil.copy(image, images / image.name)
     predictions = tmp_path / "predictions"
-    dataset.run(nnunet_command("nnUNetv2_predict"), "-i", images, "-o", predictions, "-d", dataset.dataset_id,
-                "-c", "2d", "-f", "0", "-tr", trainer, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1")
+    dataset.run_with(TRAINING_THREADS, nnunet_command("nnUNetv2_predict"), "-i", images, "-o", predictions,
+                     "-d", dataset.dataset_id, "-c", "2d", "-f", "0", "-tr", trainer, "-device", "cpu", "--disable_tta",
+                     "-npp", "1", "-nps", "1")
     assert sorted(p.name for p in predictions.glob("*.nii.gz")) == validated
     for case in validated:  # the new process segments exactly as the trained network did in its final validation
         np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / case))),

@@ -5,6 +5,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from tests.conftest import TRAINING_THREADS
+
 TRAINER = "nnUNetTrainerDPCNet_quick"
 
 
@@ -44,11 +46,15 @@ def test_test_volumes_are_segmented_on_their_own_grid(demo_run):
         assert set(np.unique(labels)) <= {0, 1, 2}
 
 
-def test_prediction_in_a_new_process_reproduces_the_final_validation(demo_run):
+def test_prediction_in_a_new_process_reproduces_the_final_validation(demo_run, tmp_path):
     """``nnUNetv2_predict`` rebuilds DPC-Net from the checkpoint in a fresh process (trainer looked
-    up by ``checkpoint['trainer_name']``) and must segment exactly as the trained network did."""
+    up by ``checkpoint['trainer_name']``) and, with the training's thread count, must segment exactly as the trained
+    network did (the demo's own predictions ran single-threaded: see ``TRAINING_THREADS``)."""
     in_training = demo_run.model_folder(TRAINER) / "fold_0" / "validation"
-    new_process = demo_run.workdir / "predictions" / "validation"
+    new_process = tmp_path / "predictions"
+    demo_run.run_with(TRAINING_THREADS, "nnUNetv2_predict", "-i", demo_run.workdir / "validation_images",
+                      "-o", new_process, "-d", "501", "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "-device", "cpu",
+                      "--disable_tta", "-npp", "1", "-nps", "1")
     cases = sorted(p.name for p in new_process.glob("*.nii.gz"))
     assert cases and cases == sorted(p.name for p in in_training.glob("*.nii.gz"))
     for case in cases:

@@ -6,6 +6,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from tests.conftest import TRAINING_THREADS
+
 TRAINER = "nnUNetTrainerLFAMGODC_quick"
 
 
@@ -22,9 +24,9 @@ def test_train_predict_evaluate(demo_run, plain_checkpoint, tmp_path):
     assert any(torch.any(checkpoint["network_weights"][k] != 0) for k in lfam_keys if k.endswith("dcn.weight"))
 
     predictions = tmp_path / "predictions"
-    demo_run.run("nnUNetv2_predict", "-i", demo_run.workdir / "validation_images", "-o", predictions,
-                 "-d", "501", "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "-device", "cpu",
-                 "--disable_tta", "-npp", "1", "-nps", "1")
+    demo_run.run_with(TRAINING_THREADS, "nnUNetv2_predict", "-i", demo_run.workdir / "validation_images",
+                      "-o", predictions, "-d", "501", "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "-device", "cpu",
+                      "--disable_tta", "-npp", "1", "-nps", "1")
     cases = sorted(p.name for p in predictions.glob("*.nii.gz"))
     assert cases and cases == sorted(p.name for p in (fold / "validation").glob("*.nii.gz"))
     for case in cases:  # the new process segments exactly as the trained network did

@@ -10,7 +10,7 @@ from PIL import Image
 
 from nnunet_ext.training.base import QUICK_SCHEDULE
 from nnunet_ext.training.spa_dcn_net import label_frequency_weights, nnUNetTrainerSPADCNNetPaper
-from tests.conftest import nnunet_command
+from tests.conftest import TRAINING_THREADS, nnunet_command
 
 TRAINER = "nnUNetTrainerSPADCNNet_quick"
 PLANS = "nnUNetPlans_SPADCN"
@@ -52,9 +52,9 @@ def test_plan_train_predict_evaluate(planned_dataset, tmp_path):
         for image in (dataset.raw / "imagesTr").glob(f"{case[:-len(ending)]}_[0-9][0-9][0-9][0-9]{ending}"):
             shutil.copy(image, images / image.name)
     predictions = tmp_path / "predictions"
-    dataset.run(nnunet_command("nnUNetv2_predict"), "-i", images, "-o", predictions, "-d", dataset.dataset_id,
-                "-c", "2d", "-f", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu", "--disable_tta",
-                "-npp", "1", "-nps", "1")
+    dataset.run_with(TRAINING_THREADS, nnunet_command("nnUNetv2_predict"), "-i", images, "-o", predictions,
+                     "-d", dataset.dataset_id, "-c", "2d", "-f", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu",
+                     "--disable_tta", "-npp", "1", "-nps", "1")
     assert sorted(p.name for p in predictions.glob(f"*{ending}")) == validated
     for case in validated:  # the new process segments exactly as the trained network did in its final validation
         np.testing.assert_array_equal(read_segmentation(predictions / case),
