@@ -11,7 +11,10 @@ with the DPC-Net / nnU-Net ratio:
 - parameters and forward+backward FLOPs (``torch.utils.flop_counter``: convolutions and matmuls);
 - training-step time (forward + backward of all deep-supervision outputs with a stand-in loss), wall and CPU time
   (``time.process_time``, steadier on a loaded machine), medians over ``--repeats`` steps that alternate between the
-  two networks in one process (both sides under the same load);
+  two networks in one fresh process (both sides under the same load). That process first makes glibc keep freed
+  memory for reuse (``run_in_fresh_process``: ``keep_freed_memory``, as ``nnUNetExtTrainer`` does when it trains on
+  the CPU), for both networks; on the CPU one more fresh process times the steps with glibc's defaults (a row of its
+  own: every large tensor is then mapped and zeroed afresh by the kernel, which costs DPC-Net's extra tensors more);
 - peak tensor memory and peak resident memory (RSS) of one training step, each network in a fresh process;
 - sliding-window throughput (batch-1 forwards without gradients, deep supervision off, as ``nnUNetv2_predict``
   runs them), alternating like the step times;
@@ -67,7 +70,8 @@ def memory_case(trainer: str, plans: dict, batch: int, device: str, count_flops:
 
 def interleaved_times(plans: dict, batch: int, device: str, repeats: int) -> dict:
     """Median wall and CPU time of a training step and inference throughput of both networks, alternating the
-    networks step by step in this process."""
+    networks step by step in this process (run it in a fresh one)."""
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     patch = next(iter(plans["configurations"].values()))["patch_size"]
     x = torch.randn(batch, 1, *patch, device=device)
     models = {t: _build(t, plans, device) for t in TRAINERS}
@@ -121,11 +125,14 @@ def cost_markdown(results: dict, patches: dict, header: str) -> str:
             ("fwd+bwd GFLOPs", "flops", lambda v: f"{v / 1e9:.1f}"),
             ("train step, wall (median s)", "step_wall", lambda v: f"{v:.2f}"),
             ("train step, CPU time (median s)", "step_cpu", lambda v: f"{v:.2f}"),
+            ("train step, wall, glibc defaults (median s)", "step_wall_default", lambda v: f"{v:.2f}"),
             ("peak tensor memory, train step", "memory", lambda v: f"{v / MiB:.0f} MiB"),
             ("peak RSS, train step", "rss", lambda v: f"{v / MiB:.0f} MiB"),
             ("inference patches/s", "patches_per_s", lambda v: f"{v:.2f}")]
     lines = [header, "", "| | nnU-Net's network | DPC-Net | DPC-Net / nnU-Net |", "|---|---|---|---|"]
     for label, key, fmt in rows:
+        if key not in dpc:  # the glibc-defaults row is measured on the CPU only
+            continue
         lines.append(f"| {label} | {fmt(base[key])} | {fmt(dpc[key])} | {dpc[key] / base[key]:.2f}x |")
     per_voxel = base["per_voxel"], dpc["per_voxel"]
     lines.append(f"| tensor memory per voxel (linear fit) | {per_voxel[0]:.0f} B | {per_voxel[1]:.0f} B | "
@@ -155,7 +162,10 @@ def main():
     header = (f"DPC-Net vs nnU-Net's network: {len(patch)}D, {arch['n_stages']} stages "
               f"{arch['features_per_stage'][0]}..{arch['features_per_stage'][-1]}, patch {'x'.join(map(str, patch))}, "
               f"batch {args.batch}, {args.device}, {torch.get_num_threads()} threads; memory: each network in a fresh "
-              f"process; times: medians of {args.repeats} alternating steps in one process")
+              f"process; times: medians of {args.repeats} alternating steps in one fresh process")
+    if args.device == "cpu":
+        header += ("; freed memory kept for reuse in every process (keep_freed_memory, as nnunet_ext's trainers train "
+                   "on the CPU) except in the glibc-defaults row")
     print(header, f"\nload before: {os.getloadavg()}", flush=True)
 
     results = {t: run_in_fresh_process(memory_case, t, plans, args.batch, args.device) for t in TRAINERS}
@@ -170,8 +180,13 @@ def main():
         small = run_in_fresh_process(memory_case, t, half, args.batch, args.device, False)["memory"]
         per_voxel = (results[t]["memory"] - small) / (voxels - voxels // 2)
         results[t].update(per_voxel=per_voxel, fixed=results[t]["memory"] - per_voxel * voxels)
-    for t, values in interleaved_times(plans, args.batch, args.device, args.repeats).items():
+    for t, values in run_in_fresh_process(interleaved_times, plans, args.batch, args.device, args.repeats).items():
         results[t].update(values)
+    if args.device == "cpu":
+        defaults = run_in_fresh_process(interleaved_times, plans, args.batch, args.device, args.repeats,
+                                        keep_memory=False)
+        for t, values in defaults.items():
+            results[t]["step_wall_default"] = values["step_wall"]
     budget = args.budget_gb * 1e9
     patches = {t: largest_cubic_patch(results[t]["fixed"], results[t]["per_voxel"], budget, total_stride)
                for t in TRAINERS}

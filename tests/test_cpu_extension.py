@@ -14,6 +14,9 @@ SWITCHES = [
     ("nnunet_ext.building_blocks.gelu_norm", "gelu_norm_kernel_available", "NNUNET_EXT_GELU_NORM_CPU_KERNEL"),
     ("nnunet_ext.building_blocks.convmixer_depthwise", "convmixer_kernel_available",
      "NNUNET_EXT_CONVMIXER_CPU_KERNEL"),
+    ("nnunet_ext.building_blocks.pyramid_correlation", "attention_resample_kernel_available",
+     "NNUNET_EXT_ATTENTION_RESAMPLE_CPU_KERNEL"),
+    ("nnunet_ext.building_blocks.pyramid_correlation", "squeeze_kernel_available", "NNUNET_EXT_SQUEEZE_CPU_KERNEL"),
 ]
 
 

@@ -1,6 +1,7 @@
 """DPC-Net's SpaCor and SemCor blocks: the reordered computation (``pyramid_correlation``) against a literal
 implementation of the paper's equations, values and gradients in double precision (and gradcheck), 2D and 3D, one
-or several channel chunks, factor-2, stride-1 and non-integer resolution ratios."""
+or several channel chunks, factor-2, stride-1 and non-integer resolution ratios; the squeeze and the attention
+resampling both with their compiled CPU kernels and on the PyTorch path."""
 import pytest
 import torch
 from torch import nn
@@ -65,14 +66,29 @@ def assert_values_and_gradients_equal(function, reference, inputs):
     return ours
 
 
-@pytest.fixture(params=[pc.CHUNK_ELEMENTS, 50], ids=["one-chunk", "chunks-of-50-elements"])
-def chunk_elements(request, monkeypatch):
-    monkeypatch.setattr(pc, "CHUNK_ELEMENTS", request.param)
+def use_path(path: str, monkeypatch, chunk_elements: int = pc.CHUNK_ELEMENTS) -> None:
+    """``"compiled"``: the squeeze and the attention resampling run their compiled CPU kernels (which must build
+    here); ``"pytorch"``: both run their PyTorch path, the squeeze by channel chunks of ``chunk_elements``."""
+    if path == "compiled":
+        assert pc.squeeze_kernel_available() and pc.attention_resample_kernel_available()
+    else:
+        monkeypatch.setattr(pc, "squeeze_kernel_available", lambda: False)
+        monkeypatch.setattr(pc, "attention_resample_kernel_available", lambda: False)
+        monkeypatch.setattr(pc, "CHUNK_ELEMENTS", chunk_elements)
+
+
+@pytest.fixture(params=["compiled", "pytorch"])
+def path(request, monkeypatch):
+    use_path(request.param, monkeypatch)
     return request.param
 
 
 @pytest.mark.parametrize("coarse,fine", SIZES)
-def test_squeeze_equals_eq5_and_passes_gradcheck(coarse, fine, chunk_elements):
+@pytest.mark.parametrize("variant, chunk_elements", [("compiled", None), ("pytorch", pc.CHUNK_ELEMENTS),
+                                                     ("pytorch", 50)],
+                         ids=["compiled", "pytorch-one-chunk", "pytorch-chunks-of-50-elements"])
+def test_squeeze_equals_eq5(coarse, fine, variant, chunk_elements, monkeypatch):
+    use_path(variant, monkeypatch, chunk_elements)
     torch.manual_seed(0)
     high = torch.randn(2, 5, *coarse, dtype=torch.float64, requires_grad=True)
     low = torch.randn(2, 3, *fine, dtype=torch.float64, requires_grad=True)
@@ -80,7 +96,7 @@ def test_squeeze_equals_eq5_and_passes_gradcheck(coarse, fine, chunk_elements):
     assert ours.shape == (2, 1, *fine)
 
 
-def test_squeeze_maximum_by_hand():
+def test_squeeze_maximum_by_hand(path):
     """1D-like 2D case: high (1 channel, 1x2) upsamples to [a, .75a+.25b, .25a+.75b, b] along x."""
     high = torch.tensor([[[[0.0, 4.0]]]])
     low = torch.tensor([[[[2.0, 2.0, 2.0, 2.0]]]])
@@ -89,11 +105,13 @@ def test_squeeze_maximum_by_hand():
     torch.testing.assert_close(pc.upsampled_channel_squeeze(high, low), expected)
 
 
-@pytest.mark.parametrize("chunk_elements", [pc.CHUNK_ELEMENTS, 1], ids=["one-chunk", "one-channel-chunks"])
-def test_squeeze_maximum_tie_goes_to_the_first_channel(chunk_elements, monkeypatch):
+@pytest.mark.parametrize("variant, chunk_elements", [("compiled", None), ("pytorch", pc.CHUNK_ELEMENTS),
+                                                     ("pytorch", 1)],
+                         ids=["compiled", "pytorch-one-chunk", "pytorch-one-channel-chunks"])
+def test_squeeze_maximum_tie_goes_to_the_first_channel(variant, chunk_elements, monkeypatch):
     """Two equal channels of F_i tie for the maximum everywhere: as ``torch.max`` of the concatenation, the maximum's
     gradient goes to the first one only, also when the channels are in different chunks."""
-    monkeypatch.setattr(pc, "CHUNK_ELEMENTS", chunk_elements)
+    use_path(variant, monkeypatch, chunk_elements)
     torch.manual_seed(5)
     channel = torch.randn(1, 1, 2, 3, 4, dtype=torch.float64)
     high = channel.repeat(1, 2, 1, 1, 1).requires_grad_()
@@ -109,7 +127,7 @@ def test_squeeze_maximum_tie_goes_to_the_first_channel(chunk_elements, monkeypat
 
 
 @pytest.mark.parametrize("coarse,fine", INTEGER_SIZES)
-def test_attention_resample_equals_the_product_and_passes_gradcheck(coarse, fine):
+def test_attention_resample_equals_the_product_and_passes_gradcheck(coarse, fine, path):
     torch.manual_seed(1)
     attention = torch.rand(2, 1, *fine, dtype=torch.float64, requires_grad=True)
     coarse_feature = torch.randn(2, 4, *coarse, dtype=torch.float64, requires_grad=True)
@@ -118,14 +136,15 @@ def test_attention_resample_equals_the_product_and_passes_gradcheck(coarse, fine
     assert gradcheck(pc.attention_resample, (attention, coarse_feature), fast_mode=True)
 
 
-def test_attention_resample_refuses_a_non_integer_ratio():
+def test_attention_resample_refuses_a_non_integer_ratio(path):
     with pytest.raises(ValueError, match="integer multiple"):
         pc.attention_resample(torch.rand(1, 1, 7, 9), torch.randn(1, 2, 3, 4))
 
 
 @pytest.mark.parametrize("coarse,fine", [SIZES[1], SIZES[3]], ids=["2d", "3d"])
-def test_squeeze_passes_gradcheck_in_chunks(coarse, fine, monkeypatch):
-    monkeypatch.setattr(pc, "CHUNK_ELEMENTS", 50)  # one channel per chunk
+@pytest.mark.parametrize("variant", ["compiled", "pytorch"])
+def test_squeeze_passes_gradcheck(coarse, fine, variant, monkeypatch):
+    use_path(variant, monkeypatch, chunk_elements=50)  # PyTorch path: one channel per chunk
     torch.manual_seed(4)
     high = torch.randn(2, 3, *coarse, dtype=torch.float64, requires_grad=True)
     low = torch.randn(2, 2, *fine, dtype=torch.float64, requires_grad=True)
@@ -163,7 +182,7 @@ def test_spatial_avg_max_by_value_and_gradcheck(shape):
 
 
 @pytest.mark.parametrize("dim", [2, 3])
-def test_spacor_and_semcor_modules_equal_the_equations(dim):
+def test_spacor_and_semcor_modules_equal_the_equations(dim, path):
     """Values and gradients of every parameter and input against the literal equations, random weights."""
     conv_op = nn.Conv2d if dim == 2 else nn.Conv3d
     torch.manual_seed(3)
@@ -188,3 +207,49 @@ def test_spacor_and_semcor_modules_equal_the_equations(dim):
         return torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, weights)), leaves)
     for a, b in zip(grads(ours), grads(reference), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+# float32 shapes like the benchmark plan's levels, small: factor 2 on every axis, an axis kept (ratio 1), 2D, odd sizes
+FLOAT32_SIZES = [((4, 6, 8), (8, 12, 16)), ((3, 6, 8), (3, 12, 16)), ((6, 10), (12, 20)), ((3, 5, 7), (6, 10, 14))]
+
+
+@pytest.mark.parametrize("coarse,fine", FLOAT32_SIZES)
+def test_compiled_kernels_match_the_pytorch_path_in_float32(coarse, fine, monkeypatch):
+    """The squeeze's value and argmax routing (through its gradient) and the resampling's value and gradients, with
+    the kernels and on the PyTorch path, float32 (rounding differs only in the order of the sums)."""
+    torch.manual_seed(6)
+    high = torch.randn(2, 8, *coarse, requires_grad=True)
+    low = torch.randn(2, 4, *fine, requires_grad=True)
+    attention = torch.rand(2, 1, *fine, requires_grad=True)
+
+    def run():
+        squeezed = pc.upsampled_channel_squeeze(high, low)
+        resampled = pc.attention_resample(attention, high)
+        grads = torch.autograd.grad((squeezed * 1.5).sum() + (resampled * resampled).sum(), (high, low, attention))
+        return squeezed, resampled, *grads
+    use_path("compiled", monkeypatch)
+    compiled = run()
+    monkeypatch.undo()
+    use_path("pytorch", monkeypatch)
+    for a, b in zip(compiled, run(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_kernels_give_the_same_bits_with_1_and_2_threads(monkeypatch):
+    use_path("compiled", monkeypatch)
+    torch.manual_seed(7)
+    high = torch.randn(2, 16, 4, 8, 8, requires_grad=True)
+    low = torch.randn(2, 8, 8, 16, 16, requires_grad=True)
+    attention = torch.rand(2, 1, 8, 16, 16, requires_grad=True)
+    results, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            squeezed = pc.upsampled_channel_squeeze(high, low)
+            resampled = pc.attention_resample(attention, high)
+            grads = torch.autograd.grad(squeezed.sum() + (resampled * resampled).sum(), (high, low, attention))
+            results.append((squeezed, resampled, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

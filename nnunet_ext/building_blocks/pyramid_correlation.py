@@ -19,9 +19,10 @@ Interpretations where the paper is silent (also listed in the README):
 Computation (the same functions as the equations, evaluated in a cheaper order; ``tests/test_dpcnet.py``
 checks values and gradients against a literal implementation of the equations):
 
-- SpaCor's squeeze (Eq. 5) never concatenates ``[up(F_i), F_{i-1}]``: the channel sum commutes with the
-  linear upsampling, and the channel maximum of ``up(F_i)`` is taken chunk by chunk (channels-last) and keeps only
-  the argmax channel for backward (``upsampled_channel_squeeze``).
+- SpaCor's squeeze (Eq. 5) never concatenates ``[up(F_i), F_{i-1}]`` and keeps only the argmax channel for
+  backward (``upsampled_channel_squeeze``): on the CPU a compiled kernel interpolates each channel's row and updates
+  the running channel sum and maximum; elsewhere the channel sum commutes with the linear upsampling and the channel
+  maximum of ``up(F_i)`` is taken chunk by chunk (channels-last).
 - ``f_spa``'s one-channel input and output layers are matrix products with an im2col of the one-channel map and
   a shifted sum of one-channel maps (``conv_from_one_channel``, ``conv_to_one_channel``), and the 1x1 convolutions
   (``g_spa``, the heads) plain matrix products (``pointwise_conv``): oneDNN's ``conv3d`` is several times slower
@@ -30,25 +31,33 @@ checks values and gradients against a literal implementation of the equations):
   with the upsampling, so it runs at ``F_i``'s resolution: ``g_spa(up(F_i)) = up(g_spa(F_i))``.
 - ``area(sigmoid(A) * up(G))`` is one autograd Function (``attention_resample``) that never upsamples ``G``: with
   integer resolution ratios it is a ``3^dim``-tap stencil on ``G`` whose per-voxel weights come from the one-channel
-  attention map; backward keeps only the attention map and ``G``.
+  attention map (a compiled kernel on the CPU); backward keeps only the attention map and ``G``.
+- The compiled CPU kernels (``csrc/upsampled_channel_squeeze_cpu.cpp``, ``csrc/attention_resample_cpu.cpp``; off
+  with ``NNUNET_EXT_SQUEEZE_CPU_KERNEL=0`` / ``NNUNET_EXT_ATTENTION_RESAMPLE_CPU_KERNEL=0``, or where no C++ compiler
+  is found) give the same function up to float rounding, and the same bits for any number of threads (tested).
 - SemCor's output feeds only its 1x1 segmentation head, and ``head(a * g_sem(X)) = (W_h diag(a) W_g) X +
   W_h (a * b_g) + b_h`` with ``a`` constant over space: one per-sample 1x1 map (``torch.baddbmm``)
   instead of two full-resolution convolutions and a product.
 """
 import itertools
-from typing import List, Optional, Sequence, Tuple, Type, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.autograd.function import once_differentiable
 from torch.nn.modules.conv import _ConvNd
 
 from dynamic_network_architectures.building_blocks.helper import maybe_convert_scalar_to_list
 
+from nnunet_ext.building_blocks.cpu_extension import load_cpu_extension
 from nnunet_ext.building_blocks.pointwise import pointwise_conv
 
 _LINEAR_MODE = {2: "bilinear", 3: "trilinear"}
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+# the compiled ops' namespaces (torch.ops.<name>)
+_RESAMPLE_KERNEL = "nnunet_ext_attention_resample_cpu"
+_SQUEEZE_KERNEL = "nnunet_ext_upsampled_channel_squeeze_cpu"
 CHUNK_ELEMENTS = 2 ** 22
 """Largest full-resolution temporary (elements) that the Functions below create per channel chunk."""
 
@@ -100,14 +109,37 @@ def _linear_taps(coarse_size: Sequence[int], fine_size: Sequence[int], device) -
     return taps
 
 
+def attention_resample_kernel_available() -> bool:
+    """Build (first call on a machine) or load ``csrc/attention_resample_cpu.cpp``; False (with a warning) when it
+    cannot be built, or when ``NNUNET_EXT_ATTENTION_RESAMPLE_CPU_KERNEL=0``."""
+    return load_cpu_extension("attention_resample_cpu.cpp", _RESAMPLE_KERNEL, "attention-resampling CPU kernel",
+                              "NNUNET_EXT_ATTENTION_RESAMPLE_CPU_KERNEL")
+
+
+def squeeze_kernel_available() -> bool:
+    """Build (first call on a machine) or load ``csrc/upsampled_channel_squeeze_cpu.cpp``; False (with a warning)
+    when it cannot be built, or when ``NNUNET_EXT_SQUEEZE_CPU_KERNEL=0``."""
+    return load_cpu_extension("upsampled_channel_squeeze_cpu.cpp", _SQUEEZE_KERNEL, "SpaCor squeeze CPU kernel",
+                              "NNUNET_EXT_SQUEEZE_CPU_KERNEL")
+
+
+def _kernel_applies(available: Callable[[], bool], *tensors: torch.Tensor) -> bool:
+    """Whether a compiled kernel runs ``tensors``: float32/float64 CPU tensors and the kernel ``available()``."""
+    return (all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors)
+            and available())
+
+
 class _UpsampledChannelAvgMax(torch.autograd.Function):
     """``T = Avg_c([up(high), low]) + Max_c([up(high), low])`` (Eq. 5) without the concatenation.
 
-    Forward: the channel sum of ``up(high)`` is ``up`` of ``high``'s channel sum; its channel maximum is taken
-    over channel chunks of ``up(high)`` (temporaries of at most ``CHUNK_ELEMENTS``), each upsampled in the
-    channels-last layout, where PyTorch's CPU kernel is vectorised over channels and the channel maximum reads
-    contiguous memory (measured at level 1 of the benchmark plan, 2 threads: forward 0.07 s against 0.18 s in the
-    standard layout; the maximum is exact in any layout). Saved for backward: the
+    Forward on the CPU (float32/float64): the compiled kernel ``csrc/upsampled_channel_squeeze_cpu.cpp``, one thread
+    per output row, which interpolates each channel's row from the four coarse rows around it and updates the row's
+    running channel sum and maximum (measured at level 1 of the benchmark plan, ``high`` 2 x 64 x 16x32x32, 2
+    threads, memory kept: forward 8 ms against 35 ms for the chunked PyTorch path below). Elsewhere: the channel sum
+    of ``up(high)`` is ``up`` of ``high``'s channel sum; its channel maximum is taken over channel chunks of
+    ``up(high)`` (temporaries of at most ``CHUNK_ELEMENTS``), each upsampled in the channels-last layout, where
+    PyTorch's CPU kernel is vectorised over channels and the channel maximum reads contiguous memory (0.07 s against
+    0.18 s in the standard layout, measured earlier; the maximum is exact in any layout). Saved for backward: the
     argmax channel per voxel (index into the concatenation). Backward: the average spreads ``g / C`` over all
     channels (through the adjoint upsampling for ``high``); the maximum routes ``g`` to the argmax channel,
     for ``high`` by scattering it onto the ``2^dim`` coarse voxels of the interpolation with their weights.
@@ -116,6 +148,13 @@ class _UpsampledChannelAvgMax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        ctx.shapes = (high.shape, low.shape)
+        if _kernel_applies(squeeze_kernel_available, high, low):
+            unit_depth = (slice(None), slice(None), None) if low.ndim == 4 else (...,)
+            out, argmax = getattr(torch.ops, _SQUEEZE_KERNEL).forward(high[unit_depth].contiguous(),
+                                                                      low[unit_depth].contiguous())
+            ctx.save_for_backward(argmax.view((low.shape[0], 1) + low.shape[2:]))
+            return out.view((low.shape[0], 1) + low.shape[2:])
         fine = low.shape[2:]
         n_high, n_low = high.shape[1], low.shape[1]
         total = _upsample(high.sum(1, keepdim=True), fine) + low.sum(1, keepdim=True)
@@ -129,7 +168,6 @@ class _UpsampledChannelAvgMax(torch.autograd.Function):
             best = torch.where(wins, value, best)
             argmax = torch.where(wins, index + chunk.start, argmax)
         ctx.save_for_backward(argmax)
-        ctx.shapes = (high.shape, low.shape)
         return total / (n_high + n_low) + best
 
     @staticmethod
@@ -203,67 +241,121 @@ class _AttentionResample(torch.autograd.Function):
     over the ``3^dim`` taps ``k``: ``M`` is computed once from the one-channel attention (an ``einsum``) and the
     ``C``-channel work is ``3^dim`` multiply-adds at ``G``'s resolution. Backward keeps ``attention`` and ``G``,
     recomputes ``M``: ``grad G`` is the transposed stencil (then the replicate padding's adjoint), ``grad M_k`` the
-    channel sums of ``grad * G_pad(p + k)``, ``grad attention`` the ``einsum``'s adjoint. The ``C``-channel tensors
-    are channels-last inside the Function (the per-voxel weight multiplies a contiguous run of channels, the channel
-    sums read contiguous memory; the operations are elementwise, so the values do not depend on the layout) and
-    the output is returned in the standard layout. Measured on the CPU (level 1 of the benchmark plan, forward +
-    backward, 2 threads): 0.18 s, against 0.26 s for the same stencil in the standard layout and 0.49 s for
-    upsampling ``G`` by channel chunks, multiplying and area-pooling with PyTorch's kernels
-    (``upsample_trilinear3d`` and its backward were most of that)."""
+    channel sums of ``grad * G_pad(p + k)``, ``grad attention`` the ``einsum``'s adjoint.
+
+    The stencil and its two gradients run in the compiled kernel ``csrc/attention_resample_cpu.cpp`` on the CPU
+    (float32/float64; the padding is a clamped index there, and the results do not depend on the thread count).
+    Measured at level 1 of the benchmark plan (``G`` 2 x 64 x 16x32x32, forward + backward of this Function, 2
+    threads, memory kept): 30 ms, against 69 ms for ``_stencil`` and ``_stencil_backward``, the same stencil in
+    PyTorch (channels-last; 0.26 s in the standard layout, and 0.49 s for upsampling ``G`` by channel chunks,
+    multiplying and area-pooling with PyTorch's kernels, measured earlier); level 2 (2 x 128 x 8x16x16): 8.5 against
+    13.9 ms. Elsewhere, or with ``NNUNET_EXT_ATTENTION_RESAMPLE_CPU_KERNEL=0``: the PyTorch stencil. Both give the
+    same result up to float rounding (tested)."""
 
     @staticmethod
-    def _setup(attention: torch.Tensor, coarse: torch.Tensor):
+    def _tap_maps(attention: torch.Tensor, coarse: torch.Tensor):
+        """The phase weights per axis, the block volume, the tap maps ``M`` ``(B, 3^dim, *size)`` (taps row-major)
+        and the taps in use, as (flat index, tap) pairs: an axis with ratio 1 uses only its centre tap, a larger
+        ratio all three (``_phase_weights``)."""
         size = coarse.shape[2:]
-        weights = [_phase_weights(f, coarse.dtype, coarse.device) for f in _integer_factors(size, attention.shape[2:])]
+        factors = _integer_factors(size, attention.shape[2:])
+        weights = [_phase_weights(f, coarse.dtype, coarse.device) for f in factors]
         block_shape = [attention.shape[0]]
-        for n, w in zip(size, weights):
-            block_shape += [n, w.shape[0]]
+        for n, f in zip(size, factors):
+            block_shape += [n, f]
         volume = 1
-        for w in weights:
-            volume *= w.shape[0]
+        for f in factors:
+            volume *= f
         maps = torch.einsum(_tap_maps_equation(len(size)), attention.reshape(block_shape), *weights) / volume
-        # a tap is used when some phase of every axis weights it (an axis with ratio 1 uses only its centre)
-        taps = [tap for tap in itertools.product(range(3), repeat=len(size))
-                if all(bool(w[:, t].any()) for w, t in zip(weights, tap))]
-        padded = F.pad(coarse, (1, 1) * len(size), mode="replicate")
-        padded = padded.contiguous(memory_format=_CHANNELS_LAST[coarse.ndim])
-        return weights, volume, maps, taps, padded
+        used = [(i, tap) for i, tap in enumerate(itertools.product(range(3), repeat=len(size)))
+                if all(f > 1 or t == 1 for f, t in zip(factors, tap))]
+        return weights, volume, maps.reshape(attention.shape[0], -1, *size), used
+
+    @staticmethod
+    def _tap_maps_adjoint(grad_maps: torch.Tensor, weights: List[torch.Tensor], volume: int,
+                          attention_shape: torch.Size) -> torch.Tensor:
+        """The gradient of the attention from that of the tap maps ``(B, 3^dim, *size)``: the ``einsum``'s adjoint."""
+        dim = len(weights)
+        lhs, rhs = _tap_maps_equation(dim).split("->")
+        block, *phase_weights = lhs.split(",")
+        grad_maps = grad_maps.view(grad_maps.shape[0], *([3] * dim), *grad_maps.shape[2:])
+        return (torch.einsum(f"{rhs},{','.join(phase_weights)}->{block}", grad_maps, *weights) / volume).reshape(
+            attention_shape)
+
+    @staticmethod
+    def _kernel_arguments(maps: torch.Tensor, used: list, coarse: torch.Tensor):
+        """The kernel's 3D form: the used taps' maps ``(B, T, D, H, W)``, their offsets ``(T, 3)`` in ``{-1, 0, 1}``
+        and ``coarse`` ``(B, C, D, H, W)``, with a unit depth axis added in 2D."""
+        if len(used) < maps.shape[1]:
+            maps = maps.index_select(1, torch.tensor([i for i, _ in used], device=maps.device))
+        offsets = torch.tensor([tap for _, tap in used], dtype=torch.long).sub_(1)
+        if coarse.ndim == 4:
+            maps, coarse, offsets = maps.unsqueeze(2), coarse.unsqueeze(2), F.pad(offsets, (1, 0))
+        return maps.contiguous(), offsets, coarse.contiguous()
 
     @staticmethod
     def _window(tap: Tuple[int, ...], size: Sequence[int]) -> tuple:
         return (slice(None), slice(None)) + tuple(slice(t, t + n) for t, n in zip(tap, size))
 
     @staticmethod
-    def forward(ctx, attention: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(attention, coarse)
-        _, _, maps, taps, padded = _AttentionResample._setup(attention, coarse)
+    def _stencil(maps: torch.Tensor, used: list, coarse: torch.Tensor) -> torch.Tensor:
+        """``sum_k M_k * G_pad(p + k)`` in PyTorch. The ``C``-channel tensors are channels-last here (the per-voxel
+        weight multiplies a contiguous run of channels, the channel sums of the backward read contiguous memory; the
+        operations are elementwise, so the values do not depend on the layout)."""
+        padded = F.pad(coarse, (1, 1) * (coarse.ndim - 2), mode="replicate")
+        padded = padded.contiguous(memory_format=_CHANNELS_LAST[coarse.ndim])
         out = torch.zeros_like(coarse, memory_format=_CHANNELS_LAST[coarse.ndim])
-        for tap in taps:
-            window = _AttentionResample._window(tap, coarse.shape[2:])
-            out.addcmul_(maps[(slice(None),) + tap].unsqueeze(1), padded[window])
+        for i, tap in used:
+            out.addcmul_(maps[:, i:i + 1], padded[_AttentionResample._window(tap, coarse.shape[2:])])
         return out.contiguous()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        attention, coarse = ctx.saved_tensors
+    def _stencil_backward(grad: torch.Tensor, maps: torch.Tensor, used: list,
+                          coarse: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The gradients of ``_stencil`` with respect to the maps (zero for unused taps) and to ``coarse``."""
         size = coarse.shape[2:]
-        weights, volume, maps, taps, padded = _AttentionResample._setup(attention, coarse)
+        padded = F.pad(coarse, (1, 1) * len(size), mode="replicate")
+        padded = padded.contiguous(memory_format=_CHANNELS_LAST[coarse.ndim])
         grad = grad.contiguous(memory_format=_CHANNELS_LAST[grad.ndim])
         grad_padded = torch.zeros_like(padded)
         grad_maps = torch.zeros_like(maps)
-        for tap in taps:
+        for i, tap in used:
             window = _AttentionResample._window(tap, size)
-            grad_padded[window].addcmul_(maps[(slice(None),) + tap].unsqueeze(1), grad)
-            grad_maps[(slice(None),) + tap] = (grad * padded[window]).sum(1)
-        lhs, rhs = _tap_maps_equation(len(size)).split("->")
-        block, *phase_weights = lhs.split(",")
-        grad_attention = torch.einsum(f"{rhs},{','.join(phase_weights)}->{block}", grad_maps, *weights) / volume
+            grad_padded[window].addcmul_(maps[:, i:i + 1], grad)
+            grad_maps[:, i] = (grad * padded[window]).sum(1)
         for axis in range(2, grad_padded.ndim):  # adjoint of the replicate padding: borders fold back
             n = grad_padded.shape[axis]
             grad_padded.narrow(axis, 1, 1).add_(grad_padded.narrow(axis, 0, 1))
             grad_padded.narrow(axis, n - 2, 1).add_(grad_padded.narrow(axis, n - 1, 1))
             grad_padded = grad_padded.narrow(axis, 1, n - 2)
-        return grad_attention.reshape(attention.shape), grad_padded.contiguous()
+        return grad_maps, grad_padded.contiguous()
+
+    @staticmethod
+    def forward(ctx, attention: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(attention, coarse)
+        _, _, maps, used = _AttentionResample._tap_maps(attention, coarse)
+        if not _kernel_applies(attention_resample_kernel_available, attention, coarse):
+            return _AttentionResample._stencil(maps, used, coarse)
+        return getattr(torch.ops, _RESAMPLE_KERNEL).forward(
+            *_AttentionResample._kernel_arguments(maps, used, coarse)).view(coarse.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        attention, coarse = ctx.saved_tensors
+        weights, volume, maps, used = _AttentionResample._tap_maps(attention, coarse)
+        if _kernel_applies(attention_resample_kernel_available, attention, coarse):
+            arguments = _AttentionResample._kernel_arguments(maps, used, coarse)
+            used_grad, grad_coarse = getattr(torch.ops, _RESAMPLE_KERNEL).backward(
+                grad.contiguous().view(arguments[2].shape), *arguments)
+            used_grad = used_grad.view(*used_grad.shape[:2], *coarse.shape[2:])
+            if len(used) < maps.shape[1]:
+                index = torch.tensor([i for i, _ in used], device=maps.device)
+                used_grad = torch.zeros_like(maps).index_copy_(1, index, used_grad)
+            grad_maps, grad_coarse = used_grad, grad_coarse.view(coarse.shape)
+        else:
+            grad_maps, grad_coarse = _AttentionResample._stencil_backward(grad, maps, used, coarse)
+        return _AttentionResample._tap_maps_adjoint(grad_maps, weights, volume, attention.shape), grad_coarse
 
 
 def attention_resample(attention: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
