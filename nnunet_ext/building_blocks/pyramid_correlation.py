@@ -153,8 +153,10 @@ class _UpsampledChannelAvgMax(torch.autograd.Function):
             unit_depth = (slice(None), slice(None), None) if low.ndim == 4 else (...,)
             out, argmax = getattr(torch.ops, _SQUEEZE_KERNEL).forward(high[unit_depth].contiguous(),
                                                                       low[unit_depth].contiguous())
+            ctx.compiled = True
             ctx.save_for_backward(argmax.view((low.shape[0], 1) + low.shape[2:]))
             return out.view((low.shape[0], 1) + low.shape[2:])
+        ctx.compiled = False
         fine = low.shape[2:]
         n_high, n_low = high.shape[1], low.shape[1]
         total = _upsample(high.sum(1, keepdim=True), fine) + low.sum(1, keepdim=True)
@@ -171,12 +173,19 @@ class _UpsampledChannelAvgMax(torch.autograd.Function):
         return total / (n_high + n_low) + best
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (argmax,) = ctx.saved_tensors
         high_shape, low_shape = ctx.shapes
         n_high, n_low = high_shape[1], low_shape[1]
         batch, coarse, fine = high_shape[0], high_shape[2:], low_shape[2:]
         mean_grad = grad / (n_high + n_low)
+        if ctx.compiled:
+            unit_depth = (slice(None), slice(None), None) if len(fine) == 2 else (...,)
+            grad_high, grad_low = getattr(torch.ops, _SQUEEZE_KERNEL).backward(
+                grad[unit_depth].contiguous(), argmax[unit_depth].contiguous(),
+                _upsample_vjp(mean_grad, coarse)[unit_depth], n_high, n_low)
+            return grad_high.view(high_shape), grad_low.view(low_shape)
 
         from_low = argmax >= n_high
         grad_low = mean_grad.expand(low_shape).contiguous()

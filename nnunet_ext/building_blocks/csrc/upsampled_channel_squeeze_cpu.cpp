@@ -132,9 +132,81 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& high_in, const at::
   return {out, argmax};
 }
 
+// Gradients, with g = dL/dout and the saved argmax; mean_part (B, 1, d, h, w) is the adjoint interpolation of
+// g / (Ch + Cl) (the average's share of every high channel, computed by the caller):
+//
+//     dL/dlow[b, c, v]  = g[b, v] / (Ch + Cl) + (argmax[b, v] == Ch + c ? g[b, v] : 0)
+//     dL/dhigh[b, c, .] = mean_part[b] + the g[b, v] of the voxels v whose argmax is c, spread onto the 2^3 coarse
+//                         voxels of v's interpolation with their weights.
+//
+// dL/dlow runs one thread per (sample, channel) plane; dL/dhigh one thread per (sample, block of channels), which
+// visits the voxels in order and adds those whose argmax is in its block, so the results do not depend on the
+// thread count.
+constexpr int64_t kChannelBlock = 16;
+
+std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_in, const at::Tensor& argmax_in,
+                                            const at::Tensor& mean_part_in, int64_t Ch, int64_t Cl) {
+  const auto grad = grad_in.contiguous(), argmax = argmax_in.contiguous(), mean_part = mean_part_in.contiguous();
+  TORCH_CHECK(grad.dim() == 5 && grad.size(1) == 1 && argmax.sizes() == grad.sizes() &&
+                  argmax.scalar_type() == at::kLong && mean_part.dim() == 5 && mean_part.size(1) == 1 &&
+                  mean_part.size(0) == grad.size(0) && mean_part.scalar_type() == grad.scalar_type() && Ch > 0,
+              "upsampled_channel_squeeze_cpu: backward needs (B, 1, D, H, W) gradient and argmax and a (B, 1, d, h, "
+              "w) mean part");
+  const int64_t B = grad.size(0), D = grad.size(2), H = grad.size(3), W = grad.size(4);
+  const int64_t d = mean_part.size(2), h = mean_part.size(3), w = mean_part.size(4);
+  const int64_t fine = D * H * W, coarse = d * h * w;
+  at::Tensor grad_high = at::empty({B, Ch, d, h, w}, grad.options());
+  at::Tensor grad_low = at::empty({B, Cl, D, H, W}, grad.options());
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "upsampled_channel_squeeze_backward", [&] {
+    const auto az = axis_taps<scalar_t>(d, D), ay = axis_taps<scalar_t>(h, H), ax = axis_taps<scalar_t>(w, W);
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    const int64_t* a = argmax.data_ptr<int64_t>();
+    const scalar_t* m = mean_part.data_ptr<scalar_t>();
+    scalar_t* gh = grad_high.data_ptr<scalar_t>();
+    scalar_t* gl = grad_low.data_ptr<scalar_t>();
+    const scalar_t inv_channels = scalar_t(1) / scalar_t(Ch + Cl);
+    at::parallel_for(0, B * Cl, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t b = p / Cl, channel = Ch + p % Cl;
+        const scalar_t* __restrict__ gb = g + b * fine;
+        const int64_t* __restrict__ ab = a + b * fine;
+        scalar_t* __restrict__ out = gl + p * fine;
+        for (int64_t v = 0; v < fine; ++v) out[v] = gb[v] * inv_channels + (ab[v] == channel ? gb[v] : scalar_t(0));
+      }
+    });
+    const int64_t blocks = (Ch + kChannelBlock - 1) / kChannelBlock;
+    at::parallel_for(0, B * blocks, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t b = k / blocks, c0 = (k % blocks) * kChannelBlock, c1 = std::min(Ch, c0 + kChannelBlock);
+        for (int64_t c = c0; c < c1; ++c) std::copy(m + b * coarse, m + (b + 1) * coarse, gh + (b * Ch + c) * coarse);
+        for (int64_t z = 0; z < D; ++z)
+          for (int64_t y = 0; y < H; ++y) {
+            const int64_t row = (z * H + y) * W;
+            for (int64_t x = 0; x < W; ++x) {
+              const int64_t c = a[b * fine + row + x];
+              if (c < c0 || c >= c1) continue;
+              const scalar_t value = g[b * fine + row + x];
+              scalar_t* plane = gh + (b * Ch + c) * coarse;
+              const int64_t zs[2] = {az.lower[z], az.upper[z]}, ys[2] = {ay.lower[y], ay.upper[y]},
+                            xs[2] = {ax.lower[x], ax.upper[x]};
+              const scalar_t wz[2] = {1 - az.frac[z], az.frac[z]}, wy[2] = {1 - ay.frac[y], ay.frac[y]},
+                             wx[2] = {1 - ax.frac[x], ax.frac[x]};
+              for (int i = 0; i < 2; ++i)
+                for (int j = 0; j < 2; ++j)
+                  for (int l = 0; l < 2; ++l) plane[(zs[i] * h + ys[j]) * w + xs[l]] += value * wz[i] * wy[j] * wx[l];
+            }
+          }
+      }
+    });
+  });
+  return {grad_high, grad_low};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(nnunet_ext_upsampled_channel_squeeze_cpu, m) {
   m.def("forward(Tensor high, Tensor low) -> (Tensor, Tensor)");
+  m.def("backward(Tensor grad_out, Tensor argmax, Tensor mean_part, int n_high, int n_low) -> (Tensor, Tensor)");
   m.impl("forward", c10::DispatchKey::CPU, &forward);
+  m.impl("backward", c10::DispatchKey::CPU, &backward);
 }
