@@ -31,7 +31,7 @@ checks values and gradients against a literal implementation of the equations):
   with the upsampling, so it runs at ``F_i``'s resolution: ``g_spa(up(F_i)) = up(g_spa(F_i))``.
 - ``area(sigmoid(A) * up(G))`` is one autograd Function (``attention_resample``) that never upsamples ``G``: with
   integer resolution ratios it is a ``3^dim``-tap stencil on ``G`` whose per-voxel weights come from the one-channel
-  attention map (a compiled kernel on the CPU); backward keeps only the attention map and ``G``.
+  attention map (a compiled kernel on the CPU); backward keeps only the per-tap weight maps and ``G``.
 - The compiled CPU kernels (``csrc/upsampled_channel_squeeze_cpu.cpp``, ``csrc/attention_resample_cpu.cpp``; off
   with ``NNUNET_EXT_SQUEEZE_CPU_KERNEL=0`` / ``NNUNET_EXT_ATTENTION_RESAMPLE_CPU_KERNEL=0``, or where no C++ compiler
   is found) give the same function up to float rounding, and the same bits for any number of threads (tested).
@@ -142,8 +142,10 @@ class _UpsampledChannelAvgMax(torch.autograd.Function):
     0.18 s in the standard layout, measured earlier; the maximum is exact in any layout). Saved for backward: the
     argmax channel per voxel (index into the concatenation). Backward: the average spreads ``g / C`` over all
     channels (through the adjoint upsampling for ``high``); the maximum routes ``g`` to the argmax channel,
-    for ``high`` by scattering it onto the ``2^dim`` coarse voxels of the interpolation with their weights.
-    Ties of the maximum go to the first channel (as ``torch.max``; ``amax`` would share the gradient).
+    for ``high`` by scattering it onto the ``2^dim`` coarse voxels of the interpolation with their weights; after
+    the compiled forward the kernel does both in one pass per plane (``low``) and per block of channels (``high``),
+    forward + backward 17 ms against 53 ms at level 1. Ties of the maximum go to the first channel (as
+    ``torch.max``; ``amax`` would share the gradient).
     """
 
     @staticmethod
@@ -248,16 +250,17 @@ class _AttentionResample(torch.autograd.Function):
         ``out(p) = sum_k M_k(p) * G_pad(p + k)``,  ``M_k(p) = mean over the block of p of attention * weight_k``,
 
     over the ``3^dim`` taps ``k``: ``M`` is computed once from the one-channel attention (an ``einsum``) and the
-    ``C``-channel work is ``3^dim`` multiply-adds at ``G``'s resolution. Backward keeps ``attention`` and ``G``,
-    recomputes ``M``: ``grad G`` is the transposed stencil (then the replicate padding's adjoint), ``grad M_k`` the
-    channel sums of ``grad * G_pad(p + k)``, ``grad attention`` the ``einsum``'s adjoint.
+    ``C``-channel work is ``3^dim`` multiply-adds at ``G``'s resolution. Backward keeps ``M`` (``3^dim / f^dim``
+    times the attention's size) and ``G``: ``grad G`` is the transposed stencil (then the replicate padding's
+    adjoint), ``grad M_k`` the channel sums of ``grad * G_pad(p + k)``, ``grad attention`` the ``einsum``'s
+    adjoint.
 
     The stencil and its two gradients run in the compiled kernel ``csrc/attention_resample_cpu.cpp`` on the CPU
     (float32/float64; the padding is a clamped index there, and the results do not depend on the thread count).
     Measured at level 1 of the benchmark plan (``G`` 2 x 64 x 16x32x32, forward + backward of this Function, 2
-    threads, memory kept): 30 ms, against 69 ms for ``_stencil`` and ``_stencil_backward``, the same stencil in
+    threads, memory kept): 24 ms, against 69 ms for ``_stencil`` and ``_stencil_backward``, the same stencil in
     PyTorch (channels-last; 0.26 s in the standard layout, and 0.49 s for upsampling ``G`` by channel chunks,
-    multiplying and area-pooling with PyTorch's kernels, measured earlier); level 2 (2 x 128 x 8x16x16): 8.5 against
+    multiplying and area-pooling with PyTorch's kernels, measured earlier); level 2 (2 x 128 x 8x16x16): 8.3 against
     13.9 ms. Elsewhere, or with ``NNUNET_EXT_ATTENTION_RESAMPLE_CPU_KERNEL=0``: the PyTorch stencil. Both give the
     same result up to float rounding (tested)."""
 
@@ -341,8 +344,9 @@ class _AttentionResample(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, attention: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(attention, coarse)
-        _, _, maps, used = _AttentionResample._tap_maps(attention, coarse)
+        weights, volume, maps, used = _AttentionResample._tap_maps(attention, coarse)
+        ctx.save_for_backward(maps, coarse)
+        ctx.tap_maps = (weights, volume, used, attention.shape)
         if not _kernel_applies(attention_resample_kernel_available, attention, coarse):
             return _AttentionResample._stencil(maps, used, coarse)
         return getattr(torch.ops, _RESAMPLE_KERNEL).forward(
@@ -351,9 +355,9 @@ class _AttentionResample(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        attention, coarse = ctx.saved_tensors
-        weights, volume, maps, used = _AttentionResample._tap_maps(attention, coarse)
-        if _kernel_applies(attention_resample_kernel_available, attention, coarse):
+        maps, coarse = ctx.saved_tensors
+        weights, volume, used, attention_shape = ctx.tap_maps
+        if _kernel_applies(attention_resample_kernel_available, maps, coarse):
             arguments = _AttentionResample._kernel_arguments(maps, used, coarse)
             used_grad, grad_coarse = getattr(torch.ops, _RESAMPLE_KERNEL).backward(
                 grad.contiguous().view(arguments[2].shape), *arguments)
@@ -364,7 +368,7 @@ class _AttentionResample(torch.autograd.Function):
             grad_maps, grad_coarse = used_grad, grad_coarse.view(coarse.shape)
         else:
             grad_maps, grad_coarse = _AttentionResample._stencil_backward(grad, maps, used, coarse)
-        return _AttentionResample._tap_maps_adjoint(grad_maps, weights, volume, attention.shape), grad_coarse
+        return _AttentionResample._tap_maps_adjoint(grad_maps, weights, volume, attention_shape), grad_coarse
 
 
 def attention_resample(attention: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
