@@ -172,6 +172,51 @@ def test_one_channel_convolutions_equal_the_convolution(kernel):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dim", [2, 3])
+def test_first_layer_keeps_only_its_one_channel_input_for_backward(dim):
+    """``f_spa``'s first layer keeps its one-channel input and weight (``saved_tensors_hooks``), not the ``K``-tap
+    im2col (27 times the input in 3D), and stacks the taps again in backward: same gradients as the convolution."""
+    torch.manual_seed(8)
+    conv_op = nn.Conv2d if dim == 2 else nn.Conv3d
+    conv = conv_op(1, 8, 3, padding=1).double()
+    x = torch.randn(2, 1, *(12,) * dim, dtype=torch.float64, requires_grad=True)
+    saved = {}
+
+    def pack(t):
+        saved[(t.data_ptr(), tuple(t.shape))] = t.numel()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = pc.conv_from_one_channel(x, conv)
+    assert sum(saved.values()) == x.numel() + conv.weight.numel()
+    grad = torch.randn_like(out)
+    leaves = (x, conv.weight, conv.bias)
+    for a, b in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(conv(x), leaves, grad), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_shared_input_heads_equal_separate_heads():
+    """Two 1x1 heads of one map (a shared ``(K, C)`` one and a per-sample ``(B, K, C)`` one) as one matrix product:
+    the logits and the gradients of the map, weights and biases of the heads applied separately (double)."""
+    torch.manual_seed(9)
+    x = torch.randn(2, 5, 4, 6, 3, dtype=torch.float64, requires_grad=True)
+    shared = (torch.randn(3, 5, dtype=torch.float64, requires_grad=True),
+              torch.randn(3, dtype=torch.float64, requires_grad=True))
+    per_sample = (torch.randn(2, 2, 5, dtype=torch.float64, requires_grad=True),
+                  torch.randn(2, 2, dtype=torch.float64, requires_grad=True))
+    ours = pc.shared_input_heads(x, [per_sample, shared])
+    expected = [torch.einsum("bkc,bc...->bk...", per_sample[0], x) + per_sample[1].view(2, 2, 1, 1, 1),
+                F.conv3d(x, shared[0].view(3, 5, 1, 1, 1), shared[1])]
+    leaves = (x, *shared, *per_sample)
+    weights = [torch.randn_like(e) for e in expected]
+    for a, b in zip(ours, expected, strict=True):
+        torch.testing.assert_close(a, b)
+
+    def grads(outputs):
+        return torch.autograd.grad(sum((o * w).sum() for o, w in zip(outputs, weights)), leaves)
+    for a, b in zip(grads(ours), grads(expected), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 5, 6), (2, 3, 3, 4, 5)])
 def test_spatial_avg_max_by_value_and_gradcheck(shape):
     torch.manual_seed(2)

@@ -9,9 +9,11 @@ decoder stage outputs are the pyramid features ``F_0`` (highest resolution) .. `
 - SemCor at levels ``0..L-2`` gives ``F_i^sem`` from ``F_i^spa`` (``F_0`` at level 0) and
   ``F_{i+1}^spa``,
 - a 1x1 segmentation head per output: the PFE heads are the plan U-Net's own ``seg_layers``; a SemCor
-  head is applied inside ``SemanticCorrelation.forward``, which returns ``head(F_i^sem)`` without
-  materialising ``F_i^sem`` (the only consumer of ``F_i^sem`` is its head). The PFE and SpaCor heads run as
-  ``pointwise_conv`` (a matrix product, the same function; faster than ``conv3d`` on the CPU).
+  head is applied as a per-sample 1x1 map of SemCor's input (``SemanticCorrelation.head_map``), which gives
+  ``head(F_i^sem)`` without materialising ``F_i^sem`` (the only consumer of ``F_i^sem`` is its head). The heads run
+  as matrix products (``pointwise_conv``, the same function; faster than ``conv3d`` on the CPU), and the two heads
+  that read the same map (SemCor's and the PFE head at level 0, SemCor's and the SpaCor head above) as one
+  (``shared_input_heads``).
 
 Outputs
     Deep supervision on: one flat list, ``[sem_0 .. sem_{L-2}, pfe_0 .. pfe_{L-1}, spa_1 .. spa_{L-1}]``
@@ -33,7 +35,8 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 
 from nnunet_ext.architectures.plan_network import PlanUNetWrapper, build_plan_network, decoder_stage_outputs
 from nnunet_ext.building_blocks.pointwise import pointwise_conv
-from nnunet_ext.building_blocks.pyramid_correlation import SemanticCorrelation, SpatialCorrelation
+from nnunet_ext.building_blocks.pyramid_correlation import (SemanticCorrelation, SpatialCorrelation,
+                                                             shared_input_heads)
 
 
 class DPCNet(PlanUNetWrapper):
@@ -75,9 +78,13 @@ class DPCNet(PlanUNetWrapper):
         computation as ``UNetDecoder.forward`` without its segmentation layers)."""
         return decoder_stage_outputs(self.decoder, self.encoder(x))[::-1]
 
+    def pfe_head(self, level: int) -> nn.Module:
+        """The PFE's 1x1 segmentation conv of ``level`` (``decoder.seg_layers`` are ordered like the decoder stages:
+        lowest resolution first)."""
+        return self.decoder.seg_layers[self.num_levels - 1 - level]
+
     def pfe_logits(self, level: int, feature: torch.Tensor) -> torch.Tensor:
-        # decoder.seg_layers (1x1 convs) are ordered like the decoder stages: lowest resolution first
-        head = self.decoder.seg_layers[self.num_levels - 1 - level]
+        head = self.pfe_head(level)
         return pointwise_conv(feature, head.weight, head.bias)
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
@@ -89,9 +96,19 @@ class DPCNet(PlanUNetWrapper):
         num_levels = self.num_levels
         spa = [self.spacor[i - 1](features[i], features[i - 1]) for i in range(1, num_levels)]
         sem_inputs = [features[0]] + spa  # X_i: F_0 at level 0, F_i^spa above
-        return ([self.semcor[i](sem_inputs[i], spa[i], self.sem_heads[i]) for i in range(num_levels - 1)]
-                + [self.pfe_logits(i, f) for i, f in enumerate(features)]
-                + [pointwise_conv(f, head.weight, head.bias) for head, f in zip(self.spa_heads, spa)])
+        # the SemCor head of level i shares its input X_i with the PFE head (level 0) or the SpaCor head (above)
+        sem, pfe, spa_logits = [], [], []
+        for i in range(num_levels - 1):
+            other = self.pfe_head(0) if i == 0 else self.spa_heads[i - 1]
+            sem_i, other_i = shared_input_heads(sem_inputs[i], [
+                self.semcor[i].head_map(sem_inputs[i], spa[i], self.sem_heads[i]),
+                (other.weight.flatten(1), other.bias)])
+            sem.append(sem_i)
+            (pfe if i == 0 else spa_logits).append(other_i)
+        pfe += [self.pfe_logits(i, features[i]) for i in range(1, num_levels)]
+        head = self.spa_heads[-1]
+        spa_logits.append(pointwise_conv(spa[-1], head.weight, head.bias))
+        return sem + pfe + spa_logits
 
 
 def build_dpcnet_from_plans(plans_manager, configuration_manager, num_input_channels: int,

@@ -37,7 +37,8 @@ checks values and gradients against a literal implementation of the equations):
   is found) give the same function up to float rounding, and the same bits for any number of threads (tested).
 - SemCor's output feeds only its 1x1 segmentation head, and ``head(a * g_sem(X)) = (W_h diag(a) W_g) X +
   W_h (a * b_g) + b_h`` with ``a`` constant over space: one per-sample 1x1 map (``torch.baddbmm``)
-  instead of two full-resolution convolutions and a product.
+  instead of two full-resolution convolutions and a product. DPC-Net stacks it with the other head that reads the
+  same ``X`` (``shared_input_heads``: one matrix product, one input gradient).
 """
 import itertools
 from typing import Callable, List, Optional, Sequence, Tuple, Type, Union
@@ -429,19 +430,6 @@ def _sum_taps(z: torch.Tensor, kernel: Sequence[int]) -> torch.Tensor:
     return full[(slice(None),) + tuple(slice(p, p + n) for p, n in zip(pads, size))].unsqueeze(1)
 
 
-class _StackTaps(torch.autograd.Function):
-    """``_stack_taps`` with ``_sum_taps`` as its backward (nothing saved)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, kernel: Tuple[int, ...]) -> torch.Tensor:
-        ctx.kernel = kernel
-        return _stack_taps(x, kernel)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _sum_taps(grad, ctx.kernel), None
-
-
 class _SumTaps(torch.autograd.Function):
     """``_sum_taps`` with ``_stack_taps`` as its backward (nothing saved)."""
 
@@ -455,14 +443,48 @@ class _SumTaps(torch.autograd.Function):
         return _stack_taps(grad.contiguous(), ctx.kernel), None
 
 
+class _ConvFromOneChannel(torch.autograd.Function):
+    """``baddbmm(b, W, im2col(x))`` for a one-channel ``x``: the ``(C, 1, *kernel)`` weight is the ``C x K`` matrix
+    of a 1x1 conv over the ``K`` stacked taps. Backward keeps only ``x`` and ``W`` and stacks the taps again for the
+    weight gradient (``K`` times ``x``'s size, about a full-resolution feature map, not kept between the passes)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        b, channels = x.shape[0], weight.shape[0]
+        taps = _stack_taps(x, weight.shape[2:]).view(b, -1, x[0, 0].numel())
+        y = x.new_empty(b, channels, *x.shape[2:])  # written through a view: the output must not be one
+        torch.baddbmm(bias.view(1, channels, 1).expand(b, -1, -1), weight.view(1, channels, -1).expand(b, -1, -1),
+                      taps, out=y.view(b, channels, -1))
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        kernel = tuple(weight.shape[2:])
+        b, channels = x.shape[0], weight.shape[0]
+        grad = grad.reshape(b, channels, -1)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_taps = torch.bmm(weight.view(1, channels, -1).transpose(1, 2).expand(b, -1, -1), grad)
+            grad_x = _sum_taps(grad_taps.view(b, -1, *x.shape[2:]), kernel)
+        if ctx.needs_input_grad[1]:
+            taps = _stack_taps(x, kernel).view(b, -1, grad.shape[2])
+            grad_weight = torch.bmm(grad, taps.transpose(1, 2)).sum(0).view_as(weight)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum((0, 2))
+        return grad_x, grad_weight, grad_bias
+
+
 def conv_from_one_channel(x: torch.Tensor, conv: _ConvNd) -> torch.Tensor:
     """``conv(x)`` for a one-channel ``x`` and a stride-1, 'same'-padded ``conv`` with bias (``f_spa``'s first
-    layer), as the matrix product of the ``C x K`` weight with the ``K``-tap im2col of ``x`` (``torch.baddbmm``).
+    layer), as the matrix product of the ``C x K`` weight with the ``K``-tap im2col of ``x`` (``torch.baddbmm``),
+    keeping only ``x`` for backward (``_ConvFromOneChannel``).
 
     The same function as the convolution; measured on the CPU (fwd + bwd, 2 threads, 1 -> 32 channels, 3x3x3,
     2 x 32x64x64): 0.08 s against 0.13 s for ``conv3d``, whose oneDNN kernel is slow with one input channel."""
-    # the (C, 1, *kernel) weight is the (C, K) matrix of a 1x1 conv over the K stacked taps
-    return pointwise_conv(_StackTaps.apply(x, tuple(conv.weight.shape[2:])), conv.weight, conv.bias)
+    return _ConvFromOneChannel.apply(x, conv.weight, conv.bias)
 
 
 def conv_to_one_channel(x: torch.Tensor, conv: _ConvNd) -> torch.Tensor:
@@ -548,11 +570,25 @@ class SemanticCorrelation(nn.Module):
         higher_avg, higher_max = spatial_avg_max(higher).chunk(2, dim=1)
         return torch.sigmoid(self.f_sem(torch.cat((x_avg, higher_avg, x_max, higher_max), dim=1)))
 
+    def head_map(self, x: torch.Tensor, higher: torch.Tensor, head: _ConvNd) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``head(F_i^sem)`` as a per-sample 1x1 map of ``x``: weight ``W_h diag(a) W_g`` ``(B, K, C_i)`` and bias
+        ``W_h (a * b_g) + b_h`` ``(B, K)``."""
+        scaled_head = head.weight.flatten(1) * self.attention(x, higher).unsqueeze(1)  # (B, K, C) = W_h diag(a)
+        return scaled_head @ self.g_sem.weight.flatten(1), scaled_head @ self.g_sem.bias + head.bias
+
     def forward(self, x: torch.Tensor, higher: torch.Tensor, head: _ConvNd) -> torch.Tensor:
         """``x`` = X_i (finer), ``higher`` = F_{i+1}^spa (coarser), ``head`` = the level's 1x1 segmentation conv;
-        returns ``head(F_i^sem)`` as the per-sample 1x1 map ``W_h diag(a) W_g`` plus ``W_h (a * b_g) + b_h``."""
-        scaled_head = head.weight.flatten(1) * self.attention(x, higher).unsqueeze(1)  # (B, K, C) = W_h diag(a)
-        weight = scaled_head @ self.g_sem.weight.flatten(1)
-        bias = scaled_head @ self.g_sem.bias + head.bias
-        logits = torch.baddbmm(bias.unsqueeze(2), weight, x.flatten(2))
-        return logits.view(*logits.shape[:2], *x.shape[2:])
+        returns ``head(F_i^sem)`` (``head_map`` applied to ``x``)."""
+        return shared_input_heads(x, [self.head_map(x, higher, head)])[0]
+
+
+def shared_input_heads(x: torch.Tensor, heads: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> List[torch.Tensor]:
+    """The logits of several 1x1 heads of one input ``x`` ``(B, C, *S)``, each a ``(weight, bias)`` pair with a
+    ``(K, C)`` or per-sample ``(B, K, C)`` weight and a ``(K,)`` or ``(B, K)`` bias, as one ``torch.baddbmm`` with
+    the weights stacked: forward reads ``x`` once, and backward gives ``x`` one gradient instead of one per head plus
+    their sum (each a full-resolution pass)."""
+    b = x.shape[0]
+    weight = torch.cat([w.expand(b, -1, -1) for w, _ in heads], dim=1)
+    bias = torch.cat([bias.expand(b, -1) for _, bias in heads], dim=1)
+    logits = torch.baddbmm(bias.unsqueeze(2), weight, x.flatten(2)).view(b, -1, *x.shape[2:])
+    return list(logits.split([w.shape[-2] for w, _ in heads], dim=1))
