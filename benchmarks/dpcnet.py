@@ -1,7 +1,7 @@
 """Cost of DPC-Net against nnU-Net's default network for the same plan, and the patch each fits in a memory budget.
 
-    python -m benchmarks.dpcnet [--patch 32 64 64] [--stages 4] [--batch 2] [--repeats 5] [--budget-gb 8]
-                                [--device cpu|cuda] [--write-readme]
+    python -m benchmarks.dpcnet [--patch 32 64 64] [--stages 4] [--batch 2] [--repeats 5] [--rss-runs 3]
+                                [--budget-gb 8] [--device cpu|cuda] [--write-readme]
 
 Both networks are built exactly as the trainers build them (``nnUNetTrainer`` and ``nnUNetTrainerDPCNet``'s
 ``build_network_architecture``) from one nnU-Net configuration (``nnunet_ext.plans.presets``: nnU-Net's topology
@@ -15,7 +15,9 @@ with the DPC-Net / nnU-Net ratio:
   memory for reuse (``run_in_fresh_process``: ``keep_freed_memory``, as ``nnUNetExtTrainer`` does when it trains on
   the CPU), for both networks; on the CPU one more fresh process times the steps with glibc's defaults (a row of its
   own: every large tensor is then mapped and zeroed afresh by the kernel, which costs DPC-Net's extra tensors more);
-- peak tensor memory and peak resident memory (RSS) of one training step, each network in a fresh process;
+- peak tensor memory and peak resident memory (RSS) of one training step, each network in a fresh process; the RSS
+  (glibc's heap after the first step: the tensors plus what the allocator could not reuse, which varies from process
+  to process by up to a few hundred MiB) is the median of ``--rss-runs`` processes per network, with the range;
 - sliding-window throughput (batch-1 forwards without gradients, deep supervision off, as ``nnUNetv2_predict``
   runs them), alternating like the step times;
 - the largest cubic 3d_fullres patch (edge a multiple of the plan's total stride) whose training step fits in
@@ -127,13 +129,15 @@ def cost_markdown(results: dict, patches: dict, header: str) -> str:
             ("train step, CPU time (median s)", "step_cpu", lambda v: f"{v:.2f}"),
             ("train step, wall, glibc defaults (median s)", "step_wall_default", lambda v: f"{v:.2f}"),
             ("peak tensor memory, train step", "memory", lambda v: f"{v / MiB:.0f} MiB"),
-            ("peak RSS, train step", "rss", lambda v: f"{v / MiB:.0f} MiB"),
+            ("peak RSS, train step (median of processes)", "rss", lambda v: f"{v / MiB:.0f} MiB"),
+            ("peak RSS, range over processes", "rss_range", lambda v: f"{v[0] / MiB:.0f}-{v[1] / MiB:.0f} MiB"),
             ("inference patches/s", "patches_per_s", lambda v: f"{v:.2f}")]
     lines = [header, "", "| | nnU-Net's network | DPC-Net | DPC-Net / nnU-Net |", "|---|---|---|---|"]
     for label, key, fmt in rows:
         if key not in dpc:  # the glibc-defaults row is measured on the CPU only
             continue
-        lines.append(f"| {label} | {fmt(base[key])} | {fmt(dpc[key])} | {dpc[key] / base[key]:.2f}x |")
+        ratio = f"{dpc[key] / base[key]:.2f}x" if key != "rss_range" else ""
+        lines.append(f"| {label} | {fmt(base[key])} | {fmt(dpc[key])} | {ratio} |")
     per_voxel = base["per_voxel"], dpc["per_voxel"]
     lines.append(f"| tensor memory per voxel (linear fit) | {per_voxel[0]:.0f} B | {per_voxel[1]:.0f} B | "
                  f"{per_voxel[1] / per_voxel[0]:.2f}x |")
@@ -149,6 +153,7 @@ def parse_args():
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rss-runs", type=int, default=3, help="fresh processes per network for the peak RSS")
     parser.add_argument("--budget-gb", type=float, default=8.0, help="memory budget for the largest-patch estimate")
     add_write_readme_argument(parser)
     return parser.parse_args()
@@ -169,6 +174,13 @@ def main():
     print(header, f"\nload before: {os.getloadavg()}", flush=True)
 
     results = {t: run_in_fresh_process(memory_case, t, plans, args.batch, args.device) for t in TRAINERS}
+    if args.device == "cpu":
+        rss = {t: [results[t]["rss"]] for t in TRAINERS}
+        for _ in range(args.rss_runs - 1):
+            for t in TRAINERS:
+                rss[t].append(run_in_fresh_process(memory_case, t, plans, args.batch, args.device, False)["rss"])
+        for t in TRAINERS:
+            results[t].update(rss=statistics.median(rss[t]), rss_range=(min(rss[t]), max(rss[t])))
     # same topology at half the voxels (first axis halved) for the per-voxel memory
     half = dict(plans, configurations={k: dict(c, patch_size=[patch[0] // 2] + patch[1:])
                                        for k, c in plans["configurations"].items()})
