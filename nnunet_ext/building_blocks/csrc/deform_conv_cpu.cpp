@@ -29,6 +29,8 @@
 // split into contiguous parts, each with its own grad_input and grad_W accumulators (part 0 writes grad_input
 // directly) summed in part order, so no atomics are needed and the result does not depend on which thread runs which
 // part.
+// A channel run of exactly one vector (16 float channels, one offset group) takes a path with loops of constant
+// length (straight-line vector code): forward + backward 7-9 % faster on the 2D layer, 13 % on the 3D one.
 // Build with -fno-trapping-math: otherwise GCC does not vectorise the float -> int conversions of the corner loops.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -243,6 +245,7 @@ void sample_columns(const Geometry<N>& g, const std::vector<int64_t>& kd,
                     const std::vector<std::vector<ChannelRun>>& runs, const scalar_t* x, const scalar_t* offset,
                     const scalar_t* mask, int64_t b, int64_t l0, int64_t l1, scalar_t* cols) {
   constexpr int M = 1 << N;
+  constexpr int W = 64 / sizeof(scalar_t);  // lanes of one 512-bit vector
   const scalar_t* xb = x + b * g.V * g.C;
   for_each_block<scalar_t, N, false>(g, kd, offset, b, l0, l1, [&](int64_t lb, int n, int64_t og, int64_t k,
                                                                     int64_t mk, int64_t,
@@ -263,13 +266,19 @@ void sample_columns(const Geometry<N>& g, const std::vector<int64_t>& kd,
           src[j] = xb + int64_t(c.idx[j][i]) * g.C + c0;
           a[j] = c.w[j][i];
         }
-#pragma omp simd
-        for (int64_t t = 0; t < len; ++t) {
+        const auto sample = [&](int64_t t) {
           scalar_t v = 0;
 #pragma GCC unroll 8
           for (int j = 0; j < M; ++j) v += a[j] * src[j][t];
           d[t] = v;
+        };
+        if (len == W) {  // one vector per row (16 float channels): a loop of constant length, straight-line code
+#pragma omp simd
+          for (int t = 0; t < W; ++t) sample(t);
+          continue;
         }
+#pragma omp simd
+        for (int64_t t = 0; t < len; ++t) sample(t);
       }
     }
   });
@@ -328,6 +337,19 @@ void backward_pass(const Geometry<N>& g, const std::vector<int64_t>& kd,
           }
           if (kNeedW) cr[t] = m[i] * sv;
         };
+        // the corners of one position are distinct rows, except clamped ones of weight 0: scattered one by one
+        if (len == W) {  // one vector per row (16 float channels): loops of constant length, straight-line code
+#pragma omp simd
+          for (int u = 0; u < W; ++u) body(u, u);
+          if (kNeedX)
+            for (int j = 0; j < M; ++j) {
+              scalar_t* __restrict__ gj = grad_x + int64_t(c.idx[j][i]) * g.C + c0;
+              const scalar_t mw = m[i] * w[j];
+#pragma omp simd
+              for (int t = 0; t < W; ++t) gj[t] += mw * dr[t];
+            }
+          continue;
+        }
         int64_t t0 = 0;
         for (; t0 + W <= len; t0 += W) {  // whole vectors: the lane sums stay in registers
 #pragma omp simd
@@ -336,7 +358,6 @@ void backward_pass(const Geometry<N>& g, const std::vector<int64_t>& kd,
 #pragma omp simd
         for (int u = 0; u < len - t0; ++u) body(t0 + u, u);
         if (kNeedX) {
-          // the corners of one position are distinct rows, except clamped ones of weight 0: scattered one by one
           for (int j = 0; j < M; ++j) {
             scalar_t* __restrict__ gj = grad_x + int64_t(c.idx[j][i]) * g.C + c0;
             const scalar_t mw = m[i] * w[j];
